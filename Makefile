@@ -1,0 +1,25 @@
+# Two entry points: `make test` and (from the trainer on) `make demo`.
+# Each creates .venv if it is missing and installs what it needs into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.pfc_jax-installed
+
+.PHONY: test bench-head clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-head: $(STAMP)
+	$(PY) bench/head.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

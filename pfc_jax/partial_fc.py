@@ -1,0 +1,406 @@
+"""The Partial FC head: sharded class centres, sampling, margin softmax, sparse update.
+
+Layout (METHODS.md §1). The table ``centers`` is ``[C_pad, K, D]``; head
+shard ``p`` (an index over the head axes of the mesh) owns classes
+``[p * Cl, (p + 1) * Cl)`` with ``Cl = ceil(C / P)``. Rows ``>= C`` are
+padding: zero, never positive, never sampled, never in a softmax, never
+updated.
+
+One step, all under one ``jax.jit``:
+
+1. ``sample``: every shard sees the global labels (jit all-gathers these
+   few integers), marks its positives and draws ``Ns - #positives`` negatives
+   uniformly without replacement from its other valid classes. The result is
+   ``idx [P * Ns]``: per shard, local row numbers in increasing order, with
+   the sentinel ``Cl`` in unused slots (only when a shard has fewer than
+   ``Ns`` usable classes, or when ``sample_rate == 0``).
+2. gather the ``Ns`` rows of each shard (``sparse.RowOps``).
+3. ``loss``: inside ``shard_map``, all-gather the normalised embeddings over
+   the head axes, cosine logits against the sampled rows (max over the K
+   sub-centres), margin on the target column, inter-class filtering, and a
+   softmax cross-entropy whose max, exp-sum and target logit are reduced
+   across shards (``pmax`` / ``psum``) in float32.
+4. gradients of (3) with respect to the gathered rows and the embeddings
+   (autodiff turns the all-gather into a reduce-scatter).
+5. the optax update of the touched rows only (``lazy``) or of the whole
+   table (``dense``), written back in place into the donated table.
+
+Sampling. Negatives are the ``k`` smallest of i.i.d. uniform 32-bit keys
+among a shard's eligible classes. The ``k``-th smallest key is found by a
+32-step bisection over the key range (each step one masked count over the
+shard), so the cost is O(32 * Cl) element-wise work and no sort; keys equal
+to the threshold are broken by a random rotation of the class order. This is
+an exact uniform draw without replacement (up to those rare ties). A
+``top_k`` sampler is kept for comparison (``sampler="topk"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pfc_jax import mesh as mesh_lib
+from pfc_jax import sparse
+from pfc_jax.margins import Margin
+
+FILTER_MODES = ("mask", "zero")
+SAMPLERS = ("select", "topk")
+MATMUL_DTYPES = ("float32", "bfloat16")
+_NORM_EPS = 1e-12
+# Per-sample statistics returned by the step, each [B] and sharded like the batch.
+SAMPLE_STATS = ("loss", "target_cos", "max_neg_cos", "target_is_max", "label_ok")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """Everything that defines the head; validated before anything compiles."""
+
+    num_classes: int
+    embedding_dim: int = 512
+    num_subcenters: int = 1
+    sample_rate: float = 1.0
+    scale: float = 64.0
+    margins: tuple[float, float, float] = (1.0, 0.5, 0.0)
+    grad_mode: str = "exact"
+    filter_threshold: float = 0.0  # 0 disables inter-class filtering
+    filter_mode: str = "mask"
+    matmul_dtype: str = "float32"
+    update: str = "lazy"
+    sampler: str = "select"
+    init_std: float = 0.01
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"head config: {msg}")
+
+        need(isinstance(self.num_classes, (int, np.integer)) and self.num_classes >= 1,
+             f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        need(isinstance(self.embedding_dim, (int, np.integer)) and self.embedding_dim >= 1,
+             f"embedding_dim must be an integer >= 1, got {self.embedding_dim!r}")
+        need(isinstance(self.num_subcenters, (int, np.integer)) and self.num_subcenters >= 1,
+             f"num_subcenters (K) must be an integer >= 1, got {self.num_subcenters!r}")
+        need(0.0 <= self.sample_rate <= 1.0,
+             f"sample_rate must be in [0, 1], got {self.sample_rate!r}")
+        need(math.isfinite(self.scale) and self.scale > 0,
+             f"scale s must be > 0, got {self.scale!r}")
+        need(len(self.margins) == 3, f"margins must be (m1, m2, m3), got {self.margins!r}")
+        need(0.0 <= self.filter_threshold < 1.0,
+             f"filter_threshold must be in [0, 1) (0 = off), got {self.filter_threshold!r}")
+        need(self.filter_mode in FILTER_MODES,
+             f"filter_mode {self.filter_mode!r} is not one of {FILTER_MODES}")
+        need(self.matmul_dtype in MATMUL_DTYPES,
+             f"matmul_dtype {self.matmul_dtype!r} is not one of {MATMUL_DTYPES}")
+        need(self.update in sparse.UPDATE_MODES,
+             f"update {self.update!r} is not one of {sparse.UPDATE_MODES}")
+        need(self.sampler in SAMPLERS, f"sampler {self.sampler!r} is not one of {SAMPLERS}")
+        need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        self.margin  # validates m1, m2, m3 and grad_mode
+
+    @property
+    def margin(self) -> Margin:
+        m1, m2, m3 = self.margins
+        return Margin(float(m1), float(m2), float(m3), self.grad_mode)
+
+
+class HeadState(NamedTuple):
+    centers: jax.Array  # [C_pad, K, D], split over the head axes
+    opt_state: Any      # optax state: table-shaped leaves split like centers, scalars replicated
+
+
+def num_sampled(sample_rate: float, local_classes: int, global_batch: int) -> int:
+    """Ns = clamp(ceil(r * Cl), min(B, Cl), Cl); r = 1 is every class."""
+    if sample_rate >= 1.0:
+        return local_classes
+    want = math.ceil(round(sample_rate * local_classes, 6))
+    return int(min(max(want, min(global_batch, local_classes)), local_classes))
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x * lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS**2))
+
+
+def select_uniform(eligible: jax.Array, k: jax.Array, key: jax.Array) -> jax.Array:
+    """Mask of ``min(k, #eligible)`` eligible entries drawn uniformly without replacement.
+
+    The chosen entries are those with the smallest i.i.d. uint32 keys; the
+    threshold key is found by bisection, ties at it broken in a randomly
+    rotated index order.
+    """
+    n = eligible.shape[0]
+    key_bits, key_rot = jax.random.split(key)
+    bits = jax.random.bits(key_bits, (n,), jnp.uint32)
+    k = jnp.clip(k, 0, jnp.sum(eligible, dtype=jnp.int32))
+
+    def bisect(_, lohi):  # smallest t with #(eligible & bits <= t) >= k
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(eligible & (bits <= mid), dtype=jnp.int32) >= k
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    zero = (k * 0).astype(jnp.uint32)  # shares k's device-variance inside shard_map
+    t, _ = lax.fori_loop(0, 32, bisect, (zero, zero + jnp.uint32(0xFFFFFFFF)))
+    below = eligible & (bits < t)
+    need = k - jnp.sum(below, dtype=jnp.int32)
+    tie = (eligible & (bits == t)).astype(jnp.int32)
+    shift = jax.random.randint(key_rot, (), 0, n)
+    rolled = jnp.roll(tie, -shift)
+    tie_rank = jnp.roll(jnp.cumsum(rolled) - rolled, shift)
+    return below | ((tie > 0) & (tie_rank < need))
+
+
+def select_topk(eligible: jax.Array, k: jax.Array, key: jax.Array, budget: int) -> jax.Array:
+    """Same distribution as ``select_uniform`` via ``lax.top_k`` (for comparison)."""
+    n = eligible.shape[0]
+    keys = jnp.where(eligible, jax.random.uniform(key, (n,)), -1.0)
+    top_vals, top_idx = lax.top_k(keys, budget)
+    take = (jnp.arange(budget) < k) & (top_vals >= 0)
+    return jnp.zeros((n,), bool).at[top_idx].set(take)
+
+
+class PartialFC:
+    """The sharded Partial FC head for one mesh, config and head optimizer.
+
+    ``step(state, embeddings, labels, rng) -> (state, embedding_grads, stats)``
+    is the jitted, donating head step; ``apply`` is the same function
+    un-jitted, for use inside a larger jitted train step; ``sample``,
+    ``loss`` and ``RowOps`` are the pieces, for gradient accumulation and
+    tests.
+    """
+
+    def __init__(self, config: HeadConfig, mesh: Mesh,
+                 optimizer: optax.GradientTransformation,
+                 head_axes: Sequence[str] | None = None):
+        config.validate()
+        self.config = config
+        self.mesh = mesh
+        self.tx = optimizer
+        self.head_axes = mesh_lib.resolve_head_axes(mesh, head_axes)
+        self.batch_axes = mesh_lib.batch_axes(mesh)
+        self.num_shards = mesh_lib.axes_size(mesh, self.head_axes)
+        self.local_classes = -(-config.num_classes // self.num_shards)
+        self.padded_classes = self.local_classes * self.num_shards
+        self.table_shape = (self.padded_classes, config.num_subcenters, config.embedding_dim)
+        self.ops = sparse.RowOps(mesh, self.head_axes)
+        self.margin = config.margin
+        self._head_spec = P(self.head_axes)
+        self._batch_spec = P(self.batch_axes)
+
+        table_sh = mesh_lib.table_sharding(mesh, self.head_axes)
+        repl = mesh_lib.replicated(mesh)
+        abstract_table = jax.ShapeDtypeStruct(self.table_shape, jnp.float32)
+        state_shapes = jax.eval_shape(optimizer.init, abstract_table)
+        is_row = sparse.row_leaf_mask(state_shapes, self.table_shape)
+        self.state_shardings = HeadState(
+            table_sh, jax.tree.map(lambda r: table_sh if r else repl, is_row))
+        batch_sh = mesh_lib.batch_sharding(mesh)
+        stats_sh = {name: batch_sh for name in SAMPLE_STATS}
+        stats_sh.update(mean_loss=repl, num_bad_labels=repl)
+        self._step = jax.jit(
+            self.apply,
+            in_shardings=(self.state_shardings, batch_sh, batch_sh, repl),
+            out_shardings=(self.state_shardings, batch_sh, stats_sh),
+            donate_argnums=0)
+
+    # ------------------------------------------------------------------ init
+    def init(self, rng: jax.Array) -> HeadState:
+        """N(0, init_std) centres, padding rows zero, built shard by shard.
+
+        Row c's values depend only on (rng, c), not on the mesh or padding,
+        so the same seed gives the same table on any number of devices.
+        """
+        c, std = self.config.num_classes, self.config.init_std
+
+        def make(rng):
+            w = std * jax.random.normal(rng, self.table_shape, jnp.float32)
+            rows = lax.broadcasted_iota(jnp.int32, self.table_shape, 0)
+            w = jnp.where(rows < c, w, 0.0)
+            return HeadState(w, self.tx.init(w))
+
+        return jax.jit(make, out_shardings=self.state_shardings)(rng)
+
+    def num_sampled(self, global_batch: int) -> int:
+        return num_sampled(self.config.sample_rate, self.local_classes, global_batch)
+
+    def check_batch(self, embeddings, labels) -> None:
+        """Shape checks; run at trace time, so a bad batch fails before compiling."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.config.embedding_dim:
+            raise ValueError(f"embeddings must be [B, {self.config.embedding_dim}], "
+                             f"got shape {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"labels must be [B] = [{embeddings.shape[0]}], "
+                             f"got shape {tuple(labels.shape)}")
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        mesh_lib.check_batch_size(embeddings.shape[0], self.mesh)
+
+    # -------------------------------------------------------------- sampling
+    def sample(self, labels: jax.Array, rng: jax.Array) -> jax.Array:
+        """Sampled local rows per shard: ``idx [P * Ns]``, sentinel ``Cl`` if unused."""
+        cfg, cl = self.config, self.local_classes
+        ns = self.num_sampled(labels.shape[0])
+        r = cfg.sample_rate
+
+        def body(labels, rng):  # labels: the whole global batch on every device
+            shard = lax.axis_index(self.head_axes)
+            start = shard * cl
+            local = labels - start
+            is_pos = (labels >= 0) & (labels < cfg.num_classes) & (local >= 0) & (local < cl)
+            pos = jnp.zeros((cl,), bool).at[jnp.where(is_pos, local, cl)].set(
+                True, mode="drop")
+            classes = jnp.arange(cl)
+            valid = classes < jnp.clip(cfg.num_classes - start, 0, cl)
+            if r == 0.0:
+                chosen = pos
+            elif ns == cl:
+                chosen = valid
+            else:
+                key = jax.random.fold_in(rng, shard)
+                eligible = valid & ~pos
+                k = ns - jnp.sum(pos, dtype=jnp.int32)
+                if cfg.sampler == "topk":
+                    chosen = pos | select_topk(eligible, k, key, ns)
+                else:
+                    chosen = pos | select_uniform(eligible, k, key)
+            slot = jnp.cumsum(chosen, dtype=jnp.int32) - 1
+            return jnp.full((ns,), cl, jnp.int32).at[jnp.where(chosen, slot, ns)].set(
+                classes.astype(jnp.int32), mode="drop")
+
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P()),
+                             out_specs=self._head_spec)(labels, rng)
+
+    def sampled_classes(self, idx) -> np.ndarray:
+        """Host helper: the global class ids in ``idx`` (sentinels dropped), sorted."""
+        idx = np.asarray(idx).reshape(self.num_shards, -1)
+        offsets = np.arange(self.num_shards)[:, None] * self.local_classes
+        return np.sort((idx + offsets)[idx < self.local_classes])
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, rows: jax.Array, idx: jax.Array, embeddings: jax.Array,
+             labels: jax.Array):
+        """Mean margin softmax CE over the sampled classes, and per-sample stats.
+
+        Differentiable in ``rows`` ([P * Ns, K, D], split over the head axes)
+        and ``embeddings`` ([B, D], split over the batch).
+        """
+        cfg, cl = self.config, self.local_classes
+        ns = idx.shape[0] // self.num_shards
+        global_batch = labels.shape[0]
+        head_axes, all_axes = self.head_axes, self.batch_axes
+        mm_dtype = jnp.dtype(cfg.matmul_dtype)
+        s, margin = float(cfg.scale), self.margin
+
+        def body(rows, idx, x_local, y_local):
+            x = lax.all_gather(x_local, head_axes, tiled=True)  # this group's batch
+            y = lax.all_gather(y_local, head_axes, tiled=True)
+            shard = lax.axis_index(head_axes)
+            local = y - shard * cl
+            label_ok = (y >= 0) & (y < cfg.num_classes)
+            here = label_ok & (local >= 0) & (local < cl)
+            slot_of = jnp.full((cl,), -1, jnp.int32).at[idx].set(
+                jnp.arange(ns, dtype=jnp.int32), mode="drop")
+            tslot = jnp.where(here, slot_of[jnp.clip(local, 0, cl - 1)], -1)
+            has_t = tslot >= 0
+            valid = idx < cl
+
+            w = _normalize(rows).reshape(ns * cfg.num_subcenters, cfg.embedding_dim)
+            cos = jnp.dot(x.astype(mm_dtype), w.astype(mm_dtype).T,
+                          preferred_element_type=jnp.float32)
+            cos = cos.reshape(x.shape[0], ns, cfg.num_subcenters).max(axis=-1)
+            cos = jnp.clip(cos, -1.0, 1.0)
+
+            is_t = jnp.arange(ns)[None, :] == tslot[:, None]
+            neg = valid[None, :] & ~is_t
+            c_t = jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
+            max_neg_cos = lax.pmax(
+                jnp.max(jnp.where(neg, lax.stop_gradient(cos), -2.0), axis=-1), head_axes)
+            keep = neg
+            if cfg.filter_threshold > 0:
+                dirty = neg & (cos > cfg.filter_threshold)
+                if cfg.filter_mode == "mask":
+                    keep = neg & ~dirty
+                else:
+                    cos = jnp.where(dirty, 0.0, cos)
+            z_t = s * margin(c_t)
+            z = jnp.where(is_t, z_t[:, None], s * cos)
+            z = jnp.where(keep | is_t, z, -jnp.inf)
+
+            row_max = lax.pmax(lax.stop_gradient(jnp.max(z, axis=-1)), head_axes)
+            row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+            sum_exp = lax.psum(jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1), head_axes)
+            target = lax.psum(jnp.where(has_t, z_t, 0.0), head_axes)
+            loss_i = jnp.where(
+                label_ok, jnp.log(jnp.maximum(sum_exp, 1e-30)) + row_max - target, 0.0)
+            neg_max = lax.pmax(lax.stop_gradient(
+                jnp.max(jnp.where(keep, z, -jnp.inf), axis=-1)), head_axes)
+            target_cos = lax.psum(jnp.where(has_t, lax.stop_gradient(c_t), 0.0), head_axes)
+
+            b = x_local.shape[0]
+            own = lambda a: lax.dynamic_slice_in_dim(a, shard * b, b)  # noqa: E731
+            loss = lax.psum(jnp.sum(own(loss_i)), all_axes) / global_batch
+            stats = dict(loss=own(lax.stop_gradient(loss_i)), target_cos=own(target_cos),
+                         max_neg_cos=own(max_neg_cos),
+                         target_is_max=own(label_ok & (lax.stop_gradient(target) >= neg_max)),
+                         label_ok=own(label_ok))
+            return loss, stats
+
+        x = _normalize(embeddings.astype(jnp.float32))
+        stats_spec = {name: self._batch_spec for name in SAMPLE_STATS}
+        return jax.shard_map(
+            body, mesh=self.mesh,
+            in_specs=(self._head_spec, self._head_spec, self._batch_spec, self._batch_spec),
+            out_specs=(P(), stats_spec))(rows, idx, x, labels)
+
+    # ------------------------------------------------------------------ step
+    def loss_and_grads(self, centers, embeddings, labels, rng):
+        """Samples, gathers and differentiates; returns what an update needs."""
+        self.check_batch(embeddings, labels)
+        idx = self.sample(labels, rng)
+        rows = self.ops.gather(centers, idx)
+        (loss, stats), (row_grads, emb_grads) = jax.value_and_grad(
+            self.loss, argnums=(0, 2), has_aux=True)(rows, idx, embeddings, labels)
+        return loss, stats, emb_grads, row_grads, rows, idx
+
+    def update(self, state: HeadState, idx, row_grads, rows=None) -> HeadState:
+        """Applies the head optimizer to the sampled rows (lazy) or the table (dense)."""
+        if self.config.update == "dense":
+            centers, opt_state = sparse.dense_update(
+                self.tx, self.ops, state.centers, state.opt_state, idx, row_grads)
+        else:
+            centers, opt_state = sparse.lazy_update(
+                self.tx, self.ops, state.centers, state.opt_state, idx, row_grads, rows)
+        return HeadState(centers, opt_state)
+
+    def apply(self, state: HeadState, embeddings, labels, rng):
+        """One head step (un-jitted): returns (state, embedding_grads, stats)."""
+        loss, stats, emb_grads, row_grads, rows, idx = self.loss_and_grads(
+            state.centers, embeddings, labels, rng)
+        state = self.update(state, idx, row_grads, rows)
+        stats = dict(stats, mean_loss=loss,
+                     num_bad_labels=jnp.sum(~stats["label_ok"], dtype=jnp.int32))
+        return state, emb_grads, stats
+
+    def step(self, state: HeadState, embeddings, labels, rng):
+        """The jitted head step; the head state is donated (updated in place)."""
+        self.check_batch(embeddings, labels)
+        return self._step(state, embeddings, labels, rng)
+
+    # -------------------------------------------------------------- helpers
+    def shard_batch(self, embeddings, labels):
+        """Places host arrays (whole global batch, single process) on the mesh."""
+        sh = mesh_lib.batch_sharding(self.mesh)
+        return jax.device_put(embeddings, sh), jax.device_put(labels, sh)
+
+    @property
+    def table_sharding(self) -> NamedSharding:
+        return self.state_shardings.centers

@@ -1,0 +1,13 @@
+"""Test set-up: an emulated 8-device CPU mesh, fixed before JAX starts."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+assert jax.device_count() == 8, (
+    f"tests need 8 CPU devices, got {jax.device_count()}: was JAX imported before conftest?")
