@@ -297,8 +297,7 @@ class PartialFC:
         ns = idx.shape[0] // self.num_shards
         global_batch = labels.shape[0]
         head_axes, all_axes = self.head_axes, self.batch_axes
-        mm_dtype = jnp.dtype(cfg.matmul_dtype)
-        s, margin = float(cfg.scale), self.margin
+        shard_ce = self._shard_softmax_ce(ns)
 
         def body(rows, idx, x_local, y_local):
             x = lax.all_gather(x_local, head_axes, tiled=True)  # this group's batch
@@ -310,49 +309,9 @@ class PartialFC:
             slot_of = jnp.full((cl,), -1, jnp.int32).at[idx].set(
                 jnp.arange(ns, dtype=jnp.int32), mode="drop")
             tslot = jnp.where(here, slot_of[jnp.clip(local, 0, cl - 1)], -1)
-            has_t = tslot >= 0
-            valid = idx < cl
-
-            w = _normalize(rows).reshape(ns * cfg.num_subcenters, cfg.embedding_dim)
-            cos = jnp.dot(x.astype(mm_dtype), w.astype(mm_dtype).T,
-                          preferred_element_type=jnp.float32)
-            cos = cos.reshape(x.shape[0], ns, cfg.num_subcenters).max(axis=-1)
-            cos = jnp.clip(cos, -1.0, 1.0)
-
-            is_t = jnp.arange(ns)[None, :] == tslot[:, None]
-            neg = valid[None, :] & ~is_t
-            c_t = jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
-            max_neg_cos = lax.pmax(
-                jnp.max(jnp.where(neg, lax.stop_gradient(cos), -2.0), axis=-1), head_axes)
-            keep = neg
-            if cfg.filter_threshold > 0:
-                dirty = neg & (cos > cfg.filter_threshold)
-                if cfg.filter_mode == "mask":
-                    keep = neg & ~dirty
-                else:
-                    cos = jnp.where(dirty, 0.0, cos)
-            z_t = s * margin(c_t)
-            z = jnp.where(is_t, z_t[:, None], s * cos)
-            z = jnp.where(keep | is_t, z, -jnp.inf)
-
-            row_max = lax.pmax(lax.stop_gradient(jnp.max(z, axis=-1)), head_axes)
-            row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-            sum_exp = lax.psum(jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1), head_axes)
-            target = lax.psum(jnp.where(has_t, z_t, 0.0), head_axes)
-            loss_i = jnp.where(
-                label_ok, jnp.log(jnp.maximum(sum_exp, 1e-30)) + row_max - target, 0.0)
-            neg_max = lax.pmax(lax.stop_gradient(
-                jnp.max(jnp.where(keep, z, -jnp.inf), axis=-1)), head_axes)
-            target_cos = lax.psum(jnp.where(has_t, lax.stop_gradient(c_t), 0.0), head_axes)
-
-            b = x_local.shape[0]
-            own = lambda a: lax.dynamic_slice_in_dim(a, shard * b, b)  # noqa: E731
-            loss = lax.psum(jnp.sum(own(loss_i)), all_axes) / global_batch
-            stats = dict(loss=own(lax.stop_gradient(loss_i)), target_cos=own(target_cos),
-                         max_neg_cos=own(max_neg_cos),
-                         target_is_max=own(label_ok & (lax.stop_gradient(target) >= neg_max)),
-                         label_ok=own(label_ok))
-            return loss, stats
+            loss_own, stats = shard_ce(rows, x, tslot, idx < cl, label_ok)
+            loss = lax.psum(jnp.sum(loss_own), all_axes) / global_batch
+            return loss, dict(stats, loss=loss_own)
 
         x = _normalize(embeddings.astype(jnp.float32))
         stats_spec = {name: self._batch_spec for name in SAMPLE_STATS}
@@ -360,6 +319,110 @@ class PartialFC:
             body, mesh=self.mesh,
             in_specs=(self._head_spec, self._head_spec, self._batch_spec, self._batch_spec),
             out_specs=(P(), stats_spec))(rows, idx, x, labels)
+
+    def _shard_softmax_ce(self, ns: int):
+        """Per-shard logits + cross-shard softmax CE, with a hand-written backward.
+
+        Runs inside shard_map. ``rows [Ns, K, D]`` (raw centres), ``x [Bg, D]``
+        (normalised embeddings of the group), ``tslot [Bg]`` (target's slot on
+        this shard or -1), ``valid [Ns]``, ``label_ok [Bg]``. Returns this
+        shard's own slice ``[Bg / H]`` of the per-sample loss and stats (the
+        rows whose embeddings this device holds). The backward pass recomputes the softmax from the saved
+        cosines: one element-wise pass over ``[Bg, Ns]`` and two matmuls,
+        with no normalised copy of the rows ever materialised.
+        """
+        cfg, head_axes = self.config, self.head_axes
+        replica_axes = tuple(a for a in self.batch_axes if a not in head_axes)
+        mm = jnp.dtype(cfg.matmul_dtype)
+        s, margin, k_sub = float(cfg.scale), self.margin, cfg.num_subcenters
+        thr, zero_mode = cfg.filter_threshold, cfg.filter_mode == "zero"
+        n_head = self.num_shards
+
+        def logits(cos, c_t, phi, is_t, neg):
+            """Masked logits z from clipped cosines; also the filtered-to-zero mask."""
+            keep, zeroed = neg, jnp.zeros_like(neg)
+            if thr > 0:
+                dirty = neg & (cos > thr)
+                if zero_mode:
+                    cos, zeroed = jnp.where(dirty, 0.0, cos), dirty
+                else:
+                    keep = neg & ~dirty
+            z = jnp.where(is_t, s * phi[:, None], s * cos)
+            return jnp.where(keep | is_t, z, -jnp.inf), keep, zeroed
+
+        def forward(rows, x, tslot, valid, label_ok):
+            flat_rows = rows.reshape(ns * k_sub, -1)
+            sq = jnp.einsum("nd,nd->n", flat_rows, flat_rows).reshape(ns, k_sub)
+            inv_w = lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
+            raw = jnp.dot(x.astype(mm), flat_rows.astype(mm).T,
+                          preferred_element_type=jnp.float32)
+            cos_k = raw.reshape(x.shape[0], ns, k_sub) * inv_w[None]
+            kstar = jnp.argmax(cos_k, axis=-1).astype(jnp.int8) if k_sub > 1 else None
+            cos_pre = jnp.max(cos_k, axis=-1) if k_sub > 1 else cos_k[..., 0]
+            cos = jnp.clip(cos_pre, -1.0, 1.0)
+            is_t = jnp.arange(ns)[None, :] == tslot[:, None]
+            has_t = tslot >= 0
+            neg = valid[None, :] & ~is_t
+            c_t = jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
+            phi = margin(c_t)
+            z, keep, _ = logits(cos, c_t, phi, is_t, neg)
+            row_max = lax.pmax(jnp.max(z, axis=-1), head_axes)
+            row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+            sum_exp = lax.psum(jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1), head_axes)
+            target = lax.psum(jnp.where(has_t, s * phi, 0.0), head_axes)
+            log_z = jnp.log(jnp.maximum(sum_exp, 1e-30)) + row_max
+            loss_i = jnp.where(label_ok, log_z - target, 0.0)
+            neg_max = lax.pmax(jnp.max(jnp.where(keep, z, -jnp.inf), axis=-1), head_axes)
+            stats = dict(
+                target_cos=lax.psum(jnp.where(has_t, c_t, 0.0), head_axes),
+                max_neg_cos=lax.pmax(jnp.max(jnp.where(neg, cos, -2.0), axis=-1), head_axes),
+                target_is_max=label_ok & (target >= neg_max), label_ok=label_ok)
+            b = x.shape[0] // n_head
+            own = lambda a: lax.dynamic_slice_in_dim(  # noqa: E731
+                a, lax.axis_index(head_axes) * b, b)
+            residuals = (rows, x, tslot, valid, label_ok, inv_w, cos_pre, kstar, log_z)
+            return (own(loss_i), {k: own(v) for k, v in stats.items()}), residuals
+
+        def backward(residuals, cotangents):
+            rows, x, tslot, valid, label_ok, inv_w, cos_pre, kstar, log_z = residuals
+            # Each shard returned its own slice of the group's rows; the loss of
+            # every row depends on every shard's logits.
+            d_loss = lax.all_gather(cotangents[0], head_axes, tiled=True)
+            d_loss = jnp.where(label_ok, d_loss, 0.0)
+            cos = jnp.clip(cos_pre, -1.0, 1.0)
+            is_t = jnp.arange(ns)[None, :] == tslot[:, None]
+            neg = valid[None, :] & ~is_t
+            c_t = jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
+            phi, dphi = jax.jvp(margin, (c_t,), (jnp.ones_like(c_t),))
+            z, _, zeroed = logits(cos, c_t, phi, is_t, neg)
+            d_z = d_loss[:, None] * (jnp.exp(z - log_z[:, None]) - is_t)
+            d_cos = s * d_z * jnp.where(is_t, dphi[:, None], jnp.where(zeroed, 0.0, 1.0))
+            d_cos = jnp.where((cos_pre > -1.0) & (cos_pre < 1.0), d_cos, 0.0)
+            if k_sub > 1:
+                pick = kstar[..., None] == jnp.arange(k_sub, dtype=jnp.int8)
+                d_cos_k = jnp.where(pick, d_cos[..., None], 0.0)
+            else:
+                d_cos_k = d_cos[..., None]
+            d_raw = d_cos_k * inv_w[None]                    # [Bg, Ns, K]
+            flat_rows = rows.reshape(ns * k_sub, -1)
+            d_raw_flat = d_raw.reshape(x.shape[0], ns * k_sub)
+            d_x = jnp.dot(d_raw_flat.astype(mm), flat_rows.astype(mm),
+                          preferred_element_type=jnp.float32)
+            d_rows = jnp.dot(d_raw_flat.astype(mm).T, x.astype(mm),
+                             preferred_element_type=jnp.float32).reshape(rows.shape)
+            # Through the row normalisation: d cos / d w = (x - cos w_hat) / |w|.
+            radial = jnp.sum(d_raw * cos_pre[..., None], axis=0) * inv_w  # not a matmul
+            d_rows = d_rows - rows * radial[..., None]
+            if replica_axes:  # rows are shared by the groups: sum their gradients
+                d_rows = lax.psum(d_rows, replica_axes)
+            return d_rows.astype(rows.dtype), d_x.astype(x.dtype), None, None, None
+
+        @jax.custom_vjp
+        def shard_ce(rows, x, tslot, valid, label_ok):
+            return forward(rows, x, tslot, valid, label_ok)[0]
+
+        shard_ce.defvjp(forward, backward)
+        return shard_ce
 
     # ------------------------------------------------------------------ step
     def loss_and_grads(self, centers, embeddings, labels, rng):

@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Head-step benchmark on the emulated CPU mesh: time, memory, FLOP/s, side by side.
+
+    .venv/bin/python bench/head.py            # the full table (about 10 minutes)
+    .venv/bin/python bench/head.py --quick    # small class counts only
+
+Each configuration runs in its own process (so peak RSS is its own) on
+``--devices`` emulated CPU devices and prints one row; the summary prints the
+ratios the goals are stated in:
+
+* r = 0.1 vs r = 1 (full softmax) step time and per-device temporary memory;
+* lazy vs dense head update;
+* the step's achieved FLOP/s vs the same three matmuls alone (forward logits,
+  embedding gradient, centre gradient) on the same mesh and shapes;
+* ``select`` (bisection) vs ``topk`` sampling;
+* with PyTorch installed, the same head written in plain PyTorch the way the
+  reference does it (sampled logits, margin, CE, backward, dense SGD on the
+  full table), timed in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GIB = 2**30
+
+
+def child(cfg: dict) -> dict:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={cfg['devices']}")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import resource
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from jax.sharding import PartitionSpec as P
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from pfc_jax import mesh as mesh_lib
+    from pfc_jax import partial_fc as pf
+
+    C, B, D, r = cfg["classes"], cfg["batch"], cfg["dim"], cfg["rate"]
+    mesh = mesh_lib.make_mesh()
+    head_cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, sample_rate=r,
+                             update=cfg["update"], sampler=cfg["sampler"],
+                             matmul_dtype=cfg.get("matmul", "float32"))
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+    head = pf.PartialFC(head_cfg, mesh, tx)
+    state = head.init(jax.random.key(0))
+    jax.block_until_ready(state)
+    rng = np.random.default_rng(0)
+    x, y = head.shard_batch(rng.normal(size=(B, D)).astype(np.float32),
+                            rng.integers(0, C, B).astype(np.int32))
+    key = jax.random.key(1)
+
+    t0 = time.perf_counter()
+    compiled = head._step.lower(state, x, y, key).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    rss_ready = _rss_gib()
+
+    def timed(n, fn):
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times)), times
+
+    def one_step(i):
+        nonlocal state
+        state, g, stats = compiled(state, x, y, jax.random.fold_in(key, i))
+        jax.block_until_ready((state, g))
+
+    one_step(0)  # warm
+    step_s, _ = timed(cfg["steps"], one_step)
+
+    # Bare matmuls with the step's shapes, split the same way over the mesh.
+    ns = head.num_sampled(B)
+    n_cols = ns * head_cfg.num_subcenters
+    mm_dtype = jnp.dtype(head_cfg.matmul_dtype)
+
+    def bare(xf, w, g):
+        logits = jnp.dot(xf.astype(mm_dtype), w.astype(mm_dtype).T,
+                         preferred_element_type=jnp.float32)
+        dx = jnp.dot(g.astype(mm_dtype), w.astype(mm_dtype), preferred_element_type=jnp.float32)
+        dw = jnp.dot(g.astype(mm_dtype).T, xf.astype(mm_dtype),
+                     preferred_element_type=jnp.float32)
+        return logits.sum() + jax.lax.psum(dx, mesh.axis_names).sum() + dw.sum()
+
+    axes = mesh.axis_names
+    bare_fn = jax.jit(jax.shard_map(bare, mesh=mesh, in_specs=(P(), P(axes), P(None, axes)),
+                                    out_specs=P(), check_vma=False))
+    n_dev = mesh.size
+    xf = jnp.asarray(rng.normal(size=(B, D)).astype(np.float32))
+    w = jax.device_put(rng.normal(size=(n_dev * n_cols, D)).astype(np.float32),
+                       mesh_lib.table_sharding(mesh, axes))
+    g = jax.device_put(rng.normal(size=(B, n_dev * n_cols)).astype(np.float32),
+                       jax.sharding.NamedSharding(mesh, P(None, axes)))
+    jax.block_until_ready(bare_fn(xf, w, g))
+    bare_s, _ = timed(cfg["steps"], lambda i: jax.block_until_ready(bare_fn(xf, w, g)))
+    flops = 6.0 * B * n_dev * n_cols * D
+
+    table_bytes = 4 * head.padded_classes * head_cfg.num_subcenters * D // n_dev
+    return dict(cfg, ns=ns, step_s=step_s, compile_s=compile_s, bare_s=bare_s,
+                gflops_step=flops / step_s / 1e9, gflops_bare=flops / bare_s / 1e9,
+                arg_gib=ma.argument_size_in_bytes / GIB, out_gib=ma.output_size_in_bytes / GIB,
+                alias_gib=ma.alias_size_in_bytes / GIB, temp_gib=ma.temp_size_in_bytes / GIB,
+                table_gib=table_bytes / GIB,
+                rss_ready_gib=rss_ready,
+                rss_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def torch_child(cfg: dict) -> dict:
+    """The reference's head in plain PyTorch: sampled logits, ArcFace, CE, dense SGD."""
+    import math
+
+    import torch
+
+    torch.manual_seed(0)
+    C, B, D, r = cfg["classes"], cfg["batch"], cfg["dim"], cfg["rate"]
+    weight = torch.nn.Parameter(torch.normal(0, 0.01, (C, D)))
+    opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(B, D, requires_grad=True)
+    y = torch.randint(0, C, (B,))
+    n_sample = int(r * C)
+    s, m2 = 64.0, 0.5
+
+    def step():
+        with torch.no_grad():
+            keys = torch.rand(C)
+            keys[y] = 2.0
+            idx = torch.topk(keys, k=n_sample)[1].sort()[0]
+            remap = torch.full((C,), -1, dtype=torch.long)
+            remap[idx] = torch.arange(n_sample)
+            target = remap[y]
+        w = torch.nn.functional.normalize(weight[idx])  # dense grad into the full table
+        logits = torch.nn.functional.normalize(x) @ w.t()
+        logits = logits.clamp(-1, 1)
+        with torch.no_grad():
+            t = logits[torch.arange(B), target]
+            phi = torch.cos(torch.arccos(t) + m2)
+        logits = logits.clone()
+        logits[torch.arange(B), target] = phi  # margin under no_grad (parity mode)
+        loss = torch.nn.functional.cross_entropy(s * logits, target)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    step()
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    del math
+    return dict(cfg, step_s=sorted(times)[len(times) // 2], torch_threads=torch.get_num_threads())
+
+
+def run(cfg: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        return dict(cfg, error=(out.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="small class counts only")
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--no-torch", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        cfg = json.loads(args.child)
+        print(json.dumps(torch_child(cfg) if cfg.get("impl") == "torch" else child(cfg)))
+        return
+
+    base = dict(devices=args.devices, dim=args.dim, update="lazy", sampler="select")
+    big = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
+    rows = []
+    for C in big:
+        steps = 3 if C <= 100_000 else 2
+        rows.append(dict(base, classes=C, batch=128, rate=1.0, steps=steps))
+        rows.append(dict(base, classes=C, batch=128, rate=0.1, steps=steps + 2))
+    C = big[-1]
+    rows.append(dict(base, classes=C, batch=128, rate=0.1, update="dense", steps=3))
+    rows.append(dict(base, classes=C, batch=128, rate=0.1, sampler="topk", steps=4))
+    rows.append(dict(base, classes=C, batch=512, rate=0.1, steps=3))
+    rows.append(dict(base, classes=C, batch=512, rate=0.1, update="dense", steps=3))
+    torch_rows = []
+    if not args.no_torch:
+        try:
+            import torch  # noqa: F401
+            torch_rows = [dict(impl="torch", classes=C, batch=b, rate=0.1, dim=args.dim,
+                               steps=3) for b in (128, 512)]
+        except ImportError:
+            print("(PyTorch not installed: no side-by-side reference column)")
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"{args.devices} emulated CPU devices; D={args.dim}")
+    hdr = (f"{'classes':>9} {'B':>4} {'r':>4} {'update':>6} {'sampler':>7} {'Ns/dev':>7} "
+           f"{'step s':>8} {'GF/s':>7} {'bare GF/s':>9} {'eff':>5} {'temp GiB':>8} "
+           f"{'args GiB':>8} {'table GiB':>9} {'RSS pk GiB':>10}")
+    print(hdr)
+    results = []
+    for cfg in rows:
+        res = run(cfg)
+        results.append(res)
+        if "error" in res:
+            print(f"{cfg['classes']:>9} {cfg['batch']:>4} {cfg['rate']:>4} failed: {res['error']}")
+            continue
+        print(f"{res['classes']:>9} {res['batch']:>4} {res['rate']:>4} {res['update']:>6} "
+              f"{res['sampler']:>7} {res['ns']:>7} {res['step_s']:>8.3f} "
+              f"{res['gflops_step']:>7.1f} {res['gflops_bare']:>9.1f} "
+              f"{res['gflops_step'] / res['gflops_bare']:>5.2f} {res['temp_gib']:>8.3f} "
+              f"{res['arg_gib']:>8.3f} {res['table_gib']:>9.3f} {res['rss_peak_gib']:>10.2f}",
+              flush=True)
+    for cfg in torch_rows:
+        res = run(cfg)
+        results.append(res)
+        if "error" in res:
+            print(f"torch B={cfg['batch']}: failed: {res['error']}")
+        else:
+            print(f"torch reference head  C={res['classes']} B={res['batch']} r={res['rate']}: "
+                  f"{res['step_s']:.3f} s/step ({res['torch_threads']} threads)", flush=True)
+
+    def find(**kw):
+        for res in results:
+            if "error" not in res and all(res.get(k) == v for k, v in kw.items()):
+                return res
+        return None
+
+    print("\nratios")
+    C = big[-1]
+    full, part = find(classes=C, batch=128, rate=1.0), find(classes=C, batch=128, rate=0.1,
+                                                           update="lazy", sampler="select")
+    if full and part:
+        print(f"  C={C}: r=0.1 vs r=1 speed-up            {full['step_s'] / part['step_s']:6.2f}x"
+              "  (goal >= 4)")
+        print(f"  C={C}: r=0.1 / r=1 temporary memory     "
+              f"{part['temp_gib'] / full['temp_gib']:6.3f}   (goal <= 0.25)")
+    dense = find(classes=C, batch=128, rate=0.1, update="dense")
+    if dense and part:
+        print(f"  C={C}: dense / lazy update step time    {dense['step_s'] / part['step_s']:6.2f}x")
+    if part:
+        print(f"  C={C}: step FLOP/s / bare matmul FLOP/s {part['gflops_step'] / part['gflops_bare']:6.2f}"
+              "   (goal >= 0.7)")
+    topk = find(classes=C, batch=128, rate=0.1, sampler="topk")
+    if topk and part:
+        print(f"  C={C}: topk / select sampler step time  {topk['step_s'] / part['step_s']:6.2f}x")
+    for b in (128, 512):
+        ref = find(impl="torch", classes=C, batch=b)
+        ours = find(classes=C, batch=b, rate=0.1, update="lazy", sampler="select", impl=None)
+        ours_dense = find(classes=C, batch=b, rate=0.1, update="dense")
+        if ref and ours:
+            line = f"  C={C} B={b}: torch reference / pfc_jax lazy {ref['step_s'] / ours['step_s']:6.2f}x"
+            if ours_dense:
+                line += f", / pfc_jax dense {ref['step_s'] / ours_dense['step_s']:.2f}x"
+            print(line + "  (goal >= 3)")
+
+
+if __name__ == "__main__":
+    main()
