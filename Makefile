@@ -1,11 +1,11 @@
-# Two entry points: `make test` and (from the trainer on) `make demo`.
+# Two entry points: `make demo` and `make test`.
 # Each creates .venv if it is missing and installs what it needs into it.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pfc_jax-installed
 
-.PHONY: test bench-head clean
+.PHONY: demo test bench-head clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pfc_jax.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

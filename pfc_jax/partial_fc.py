@@ -57,6 +57,7 @@ FILTER_MODES = ("mask", "zero")
 SAMPLERS = ("select", "topk")
 MATMUL_DTYPES = ("float32", "bfloat16")
 _NORM_EPS = 1e-12
+_INIT_BLOCK_ROWS = 4096
 # Per-sample statistics returned by the step, each [B] and sharded like the batch.
 SAMPLE_STATS = ("loss", "target_cos", "max_neg_cos", "target_is_max", "label_ok")
 
@@ -206,6 +207,7 @@ class PartialFC:
         batch_sh = mesh_lib.batch_sharding(mesh)
         stats_sh = {name: batch_sh for name in SAMPLE_STATS}
         stats_sh.update(mean_loss=repl, num_bad_labels=repl)
+        self._init = jax.jit(self._make_state, out_shardings=self.state_shardings)
         self._step = jax.jit(
             self.apply,
             in_shardings=(self.state_shardings, batch_sh, batch_sh, repl),
@@ -219,15 +221,27 @@ class PartialFC:
         Row c's values depend only on (rng, c), not on the mesh or padding,
         so the same seed gives the same table on any number of devices.
         """
-        c, std = self.config.num_classes, self.config.init_std
+        return self._init(rng)
 
-        def make(rng):
-            w = std * jax.random.normal(rng, self.table_shape, jnp.float32)
-            rows = lax.broadcasted_iota(jnp.int32, self.table_shape, 0)
-            w = jnp.where(rows < c, w, 0.0)
-            return HeadState(w, self.tx.init(w))
+    def _make_state(self, rng: jax.Array) -> HeadState:
+        c, std, cl = self.config.num_classes, self.config.init_std, self.local_classes
+        row_shape = self.table_shape[1:]
 
-        return jax.jit(make, out_shardings=self.state_shardings)(rng)
+        def shard_rows(rng):
+            # Row by row from fold_in(rng, row id), in blocks, so that the
+            # temporaries stay a small fraction of the shard.
+            first = lax.axis_index(self.head_axes) * cl
+
+            def one_row(row):
+                w = std * jax.random.normal(jax.random.fold_in(rng, row), row_shape)
+                return jnp.where(row < c, w, 0.0)
+
+            rows = first + jnp.arange(cl)
+            return lax.map(one_row, rows, batch_size=min(cl, _INIT_BLOCK_ROWS))
+
+        w = jax.shard_map(shard_rows, mesh=self.mesh, in_specs=P(),
+                          out_specs=self._head_spec)(rng)
+        return HeadState(w, self.tx.init(w))
 
     def num_sampled(self, global_batch: int) -> int:
         return num_sampled(self.config.sample_rate, self.local_classes, global_batch)

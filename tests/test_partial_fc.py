@@ -302,3 +302,16 @@ def test_init_is_sharded_padded_and_mesh_independent():
     np.testing.assert_array_equal(a[:C], b[:C])
     assert np.all(a[C:] == 0) and np.all(b[C:] == 0)
     assert 0.008 < a[:C].std() < 0.012
+
+
+def test_init_never_builds_the_whole_table_on_one_device():
+    """The jitted init's per-device buffers hold one shard, not the whole table."""
+    head = _make(num_classes=8000, embedding_dim=64)
+    full = 4 * head.padded_classes * 64
+    compiled = head._init.lower(jax.random.key(0)).compile()
+    ma = compiled.memory_analysis()
+    per_device = ma.output_size_in_bytes + ma.temp_size_in_bytes
+    assert ma.output_size_in_bytes <= full // 8 + 1024
+    # The random bits and their float conversion need a few shard-sized
+    # temporaries; a whole-table intermediate would need 8 shards.
+    assert per_device <= 5 * (full // 8), (per_device, full)
