@@ -21,8 +21,8 @@ import time
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--identities", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--identities", type=int, default=20000)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--sample-rate", type=float, default=0.2)
     ap.add_argument("--devices", type=int, default=8)
@@ -92,7 +92,7 @@ def main(argv=None):
         xs, ys = head.shard_batch(x, y.astype(np.int32))
         params, opt_state, head_state, stats = train_step(params, opt_state, head_state, xs, ys,
                                                           step)
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step:4d}  loss {float(stats['mean_loss']):7.3f}  "
                   f"train top-1 {float(np.mean(stats['target_is_max'])):.3f}  "
                   f"{time.time() - t0:6.1f} s", flush=True)
