@@ -172,6 +172,10 @@ def select_topk(eligible: jax.Array, k: jax.Array, key: jax.Array, budget: int) 
 class PartialFC:
     """The sharded Partial FC head for one mesh, config and head optimizer.
 
+    ``padded_classes`` (default: the least multiple of the shard count >= C)
+    lets a table saved on one mesh be used on another whose shard count
+    divides it.
+
     ``step(state, embeddings, labels, rng) -> (state, embedding_grads, stats)``
     is the jitted, donating head step; ``apply`` is the same function
     un-jitted, for use inside a larger jitted train step; ``sample``,
@@ -181,7 +185,8 @@ class PartialFC:
 
     def __init__(self, config: HeadConfig, mesh: Mesh,
                  optimizer: optax.GradientTransformation,
-                 head_axes: Sequence[str] | None = None):
+                 head_axes: Sequence[str] | None = None,
+                 padded_classes: int | None = None):
         config.validate()
         self.config = config
         self.mesh = mesh
@@ -189,8 +194,14 @@ class PartialFC:
         self.head_axes = mesh_lib.resolve_head_axes(mesh, head_axes)
         self.batch_axes = mesh_lib.batch_axes(mesh)
         self.num_shards = mesh_lib.axes_size(mesh, self.head_axes)
-        self.local_classes = -(-config.num_classes // self.num_shards)
-        self.padded_classes = self.local_classes * self.num_shards
+        if padded_classes is None:  # the least padding for this mesh
+            padded_classes = -(-config.num_classes // self.num_shards) * self.num_shards
+        if padded_classes < config.num_classes or padded_classes % self.num_shards:
+            raise ValueError(
+                f"padded_classes={padded_classes} must be >= num_classes={config.num_classes} "
+                f"and a multiple of the {self.num_shards} head shards")
+        self.local_classes = padded_classes // self.num_shards
+        self.padded_classes = padded_classes
         self.table_shape = (self.padded_classes, config.num_subcenters, config.embedding_dim)
         self.ops = sparse.RowOps(mesh, self.head_axes)
         self.margin = config.margin

@@ -315,3 +315,17 @@ def test_init_never_builds_the_whole_table_on_one_device():
     # The random bits and their float conversion need a few shard-sized
     # temporaries; a whole-table intermediate would need 8 shards.
     assert per_device <= 5 * (full // 8), (per_device, full)
+
+
+def test_explicit_padding_keeps_results_and_is_validated():
+    """A 40-row table (8 shards x 5) used on 4 shards with 10 rows each."""
+    x, y = _inputs()
+    mesh4 = mesh_lib.make_mesh({"data": 4}, jax.devices()[:4])
+    cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, scale=16.0, sample_rate=0.3)
+    head = pf.PartialFC(cfg, mesh4, optax.sgd(0.1), padded_classes=48)
+    assert (head.local_classes, head.padded_classes) == (12, 48)
+    _check_against_reference(head, _centers(head), x, y, jax.random.key(9))
+    with pytest.raises(ValueError, match="multiple of the 4 head shards"):
+        pf.PartialFC(cfg, mesh4, optax.sgd(0.1), padded_classes=42)
+    with pytest.raises(ValueError, match=">= num_classes"):
+        pf.PartialFC(cfg, mesh4, optax.sgd(0.1), padded_classes=36)
