@@ -1,0 +1,65 @@
+"""Face-recognition backbones: IResNet, MobileFaceNet and ViT (Flax linen).
+
+All take NHWC float images normalised as (x - 127.5) / 127.5, of size 112x112x3,
+and return [B, embedding_dim] float32 features (not L2-normalised).  Parameters
+are float32 whatever the compute ``dtype``; BatchNorm statistics live in the
+``batch_stats`` collection.  Call as ``model.apply(variables, x, train=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pfc_jax.models.iresnet import STAGE_LAYERS, iresnet
+from pfc_jax.models.mobilefacenet import mobilefacenet
+from pfc_jax.models.tiny import TINY_NAMES, tiny
+from pfc_jax.models.vit import CONFIGS as VIT_CONFIGS
+from pfc_jax.models.vit import vit
+
+NAMES: tuple[str, ...] = ("r18", "r34", "r50", "r100", "r200", "mbf",
+                          "vit_t", "vit_s", "vit_b", "vit_l")
+ALL_NAMES: tuple[str, ...] = NAMES + TINY_NAMES  # plus small CPU backbones (models/tiny.py)
+
+
+def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
+              dropout: float = 0.0) -> nn.Module:
+    """Build backbone ``name`` (one of ``NAMES``).
+
+    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``dropout`` is the
+    rate of the IResNet head dropout or the ViT drop rate.  MobileFaceNet has no
+    dropout layer, so a non-zero rate for it is an error rather than ignored.
+    """
+    if name not in ALL_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(ALL_NAMES)}")
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if name in TINY_NAMES:
+        return tiny(name, embedding_dim, dtype, dropout)
+    if name in STAGE_LAYERS:
+        return iresnet(name, embedding_dim, dtype, dropout)
+    if name in VIT_CONFIGS:
+        return vit(name, embedding_dim, dtype, dropout)
+    if dropout != 0.0:
+        raise ValueError(f"backbone 'mbf' has no dropout layer; got dropout={dropout}")
+    return mobilefacenet(embedding_dim, dtype)
+
+
+def count_params(params: Any) -> int:
+    """Number of trainable scalars in a ``params`` tree (arrays or ShapeDtypeStructs).
+
+    Counts what the reference counts as trainable: conv/linear weights and biases,
+    norm scales and offsets, PReLU slopes, position embeddings and the mask token.
+    BatchNorm running statistics live in ``batch_stats`` and are not passed here;
+    the reference's frozen scales have no parameter at all in these models.
+    """
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
+
+
+__all__ = ["ALL_NAMES", "NAMES", "count_params", "get_model"]
