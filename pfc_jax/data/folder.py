@@ -1,0 +1,132 @@
+"""An image folder: one sub-folder per identity, image files inside.
+
+    root/
+      alice/ 0001.jpg 0002.png ...
+      bob/   a.JPEG ...
+
+Identity folders sorted by name get labels ``0 .. N-1``; inside each, the
+image files (``.jpg .jpeg .png .bmp``, any case; hidden files ignored; no
+recursion) are sorted by name. The order is deterministic: records are
+grouped by label, in that order. Images are returned as decoded, not resized.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pfc_jax.data import sources
+from pfc_jax.data.sources import CorruptRecordError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+class ImageFolderDataset:
+    """Random-access source over an identity-per-folder tree (see the module docstring).
+
+    Args:
+      root: the folder holding one sub-folder per identity.
+      skip_corrupt: return None for (and count) unreadable images instead of
+        raising :class:`CorruptRecordError`.
+
+    Raises:
+      FileNotFoundError: ``root`` is not a folder.
+      ValueError: ``root`` has no identity folders, or an identity folder has
+        no image files (named).
+    """
+
+    def __init__(self, root: str | os.PathLike, skip_corrupt: bool = False):
+        self.root = os.fspath(root)
+        self.skip_corrupt = bool(skip_corrupt)
+        self._corrupt: set[int] = set()
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"image folder root {self.root!r} is not a directory")
+        with os.scandir(self.root) as it:
+            names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        if not names:
+            raise ValueError(
+                f"image folder root {self.root!r} has no identity sub-folders "
+                "(expected root/<identity>/<image files>)")
+        self.class_names: list[str] = names
+        files: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(names):
+            folder = os.path.join(self.root, name)
+            with os.scandir(folder) as it:
+                images = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+            if not images:
+                raise ValueError(
+                    f"identity folder {folder!r} (label {label}) has no image files "
+                    f"({', '.join(IMAGE_EXTENSIONS)}, any case)")
+            files.extend(os.path.join(name, f) for f in images)
+            labels.extend([label] * len(images))
+        self.files: list[str] = files  # relative to root
+        self._labels = np.array(labels, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset({self.root!r}, skip_corrupt={self.skip_corrupt})"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of identity folders."""
+        return len(self.class_names)
+
+    @property
+    def num_corrupt(self) -> int:
+        """Distinct corrupt records met so far in this process."""
+        return len(self._corrupt)
+
+    @property
+    def corrupt_indices(self) -> list[int]:
+        """Indices of the corrupt records met so far in this process."""
+        return sorted(self._corrupt)
+
+    def labels(self) -> np.ndarray:
+        """Every record's label (int64), from the folder structure alone."""
+        return self._labels.copy()
+
+    def path_of(self, index: int) -> str:
+        """The full path of record ``index``'s file."""
+        return os.path.join(self.root, self.files[index])
+
+    def record_name(self, index: int) -> str:
+        """``"<file> (record index i)"`` for messages."""
+        return f"{self.path_of(index)} (record index {index})"
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """``(file bytes, label)`` of record ``index`` without decoding."""
+        i = sources.check_index(index, len(self), repr(self))
+        try:
+            with open(self.path_of(i), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CorruptRecordError(f"{self.record_name(i)}: cannot read: {e}") from e
+        return data, int(self._labels[i])
+
+    def __getitem__(self, index: Any) -> sources.Example | None:
+        i = sources.check_index(index, len(self), repr(self))
+        try:
+            data, label = self.read_raw(i)
+            try:
+                image = sources.decode_image(data)
+            except ValueError as e:
+                raise CorruptRecordError(f"{self.record_name(i)}: {e}") from e
+        except CorruptRecordError as e:
+            sources.handle_corrupt(self, i, e)
+            return None
+        return sources.make_example(image, label)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[sources.Example | None]:
+        return [self[i] for i in indices]
+
+    _getitems = __getitems__  # grain's batched-read hook

@@ -1,0 +1,687 @@
+"""InsightFace RecordIO (``train.rec`` + ``train.idx`` [+ ``property``]), pure Python.
+
+File layout (METHODS.md, last section):
+
+* ``train.rec`` is a sequence of records. Each record is framed as a u32
+  magic ``0xced7230a``, a u32 ``lrec`` whose low 29 bits are the length of the
+  data that follows and whose upper 3 bits are a continuation flag, the data,
+  and zero padding to a multiple of 4 bytes. Flag 0 is a whole record. A
+  record whose data contains the magic at a 4-byte-aligned position is
+  written in parts: flag 1 (first part), 2 (middle), 3 (last); the magic that
+  stood between two parts is not stored, so reading puts it back.
+* The record payload is a header ``<IfQQ`` (flag, label, id, id2). If
+  ``flag > 0``, ``flag`` float32 labels follow and the first is the label;
+  else the header's ``label`` field is. The encoded image (JPEG/PNG) follows.
+* Key 0 is a header record whose labels are ``[first_identity_record, end]``:
+  images are keys ``1 .. first_identity_record - 1``; keys in
+  ``[first_identity_record, end)`` are identity records, each holding the
+  ``[start, end)`` key range of one identity's images. If key 0's flag is 0
+  (or there is no key 0), the file has no header and every key in the index
+  is an image, in index order.
+* ``train.idx`` has one ``key<TAB>offset`` line per record.
+* ``property`` (optional) holds ``num_classes,height,width``. Without it,
+  ``num_classes`` is the number of identity records, else max label + 1.
+
+Labels are stored as float32, exact for up to 2**24 classes.
+
+:class:`RecordIODataset` reads with ``os.pread`` on a descriptor opened lazily
+in each process, so it pickles (grain workers) and works after ``fork``.
+:class:`RecordIOWriter` writes a valid set of files (tests, small datasets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pfc_jax.data import sources
+from pfc_jax.data.sources import CorruptRecordError
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+LENGTH_BITS = 29
+LENGTH_MASK = (1 << LENGTH_BITS) - 1
+MAX_EXACT_LABEL = 1 << 24  # float32 holds every integer up to this
+
+_FRAME = struct.Struct("<II")  # magic, lrec
+_HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
+_FLOAT = struct.Struct("<f")
+_LABEL_PREFIX = _HEADER.size + _FLOAT.size  # header + first float label
+_OPEN_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordHeader:
+    """The decoded ``<IfQQ`` header of one record and its float labels."""
+
+    flag: int
+    label: float
+    id: int
+    id2: int
+    labels: np.ndarray  # float32 [max(flag, 1)]: the extra labels, or [label] if flag == 0
+
+
+# ----------------------------------------------------------------------------- format
+
+
+def pack_payload(labels: float | Sequence[float], image: bytes = b"", *,
+                 id: int = 0, id2: int = 0) -> bytes:  # pylint: disable=redefined-builtin
+    """A record payload: header, float labels if several (or a sequence), image bytes.
+
+    A scalar ``labels`` gives ``flag = 0`` with the label in the header; a
+    sequence gives ``flag = len(labels)`` with the floats after the header.
+    """
+    if isinstance(labels, (int, float, np.integer, np.floating)):
+        head = _HEADER.pack(0, float(labels), id, id2)
+        return head + bytes(image)
+    arr = np.asarray(labels, dtype="<f4").reshape(-1)
+    if arr.size == 0:
+        raise ValueError("labels sequence is empty; pass a scalar for flag 0")
+    return _HEADER.pack(arr.size, 0.0, id, id2) + arr.tobytes() + bytes(image)
+
+
+def unpack_payload(payload: bytes, where: str = "record") -> tuple[RecordHeader, bytes]:
+    """Splits a payload into its header and the image bytes.
+
+    Raises:
+      CorruptRecordError: the payload is shorter than its header says.
+    """
+    if len(payload) < _HEADER.size:
+        raise CorruptRecordError(
+            f"{where}: payload of {len(payload)} bytes is shorter than the "
+            f"{_HEADER.size}-byte record header")
+    flag, label, rid, rid2 = _HEADER.unpack_from(payload, 0)
+    if flag == 0:
+        return RecordHeader(0, label, rid, rid2, np.array([label], np.float32)), \
+            payload[_HEADER.size:]
+    end = _HEADER.size + 4 * flag
+    if end > len(payload):
+        raise CorruptRecordError(
+            f"{where}: header flag {flag} announces {flag} float labels "
+            f"({4 * flag} bytes) but the payload has only {len(payload) - _HEADER.size} "
+            "bytes after the header")
+    labels = np.frombuffer(payload, dtype="<f4", count=flag, offset=_HEADER.size)
+    return RecordHeader(flag, label, rid, rid2, labels.astype(np.float32)), payload[end:]
+
+
+def frame_record(payload: bytes) -> bytes:
+    """Frames a payload as stored in a ``.rec`` file, splitting at aligned magics."""
+    payload = bytes(payload)
+    n = len(payload)
+    if n > LENGTH_MASK:
+        raise ValueError(f"record of {n} bytes exceeds the format's {LENGTH_MASK}-byte limit")
+    out = []
+    start = 0
+    aligned_end = n - n % 4
+    i = payload.find(MAGIC_BYTES)
+    while 0 <= i < aligned_end:
+        if i % 4:  # only magics at 4-byte-aligned positions split the record
+            i = payload.find(MAGIC_BYTES, i + 1)
+            continue
+        cflag = 1 if start == 0 else 2
+        out.append(_FRAME.pack(MAGIC, (cflag << LENGTH_BITS) | (i - start)))
+        out.append(payload[start:i])
+        start = i + 4
+        i = payload.find(MAGIC_BYTES, start)
+    cflag = 3 if start else 0
+    out.append(_FRAME.pack(MAGIC, (cflag << LENGTH_BITS) | (n - start)))
+    out.append(payload[start:])
+    out.append(b"\0" * (-n % 4))
+    return b"".join(out)
+
+
+def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Parses a ``.idx`` file into ``(keys, offsets)`` int64 arrays in file order.
+
+    Raises:
+      ValueError: a malformed line (named by line number), a duplicate key,
+        a negative key or offset.
+    """
+    with open(idx_path, "rb") as f:
+        text = f.read()
+    tokens = text.split()
+    n_lines = text.count(b"\n") + (0 if text.endswith(b"\n") or not text else 1)
+    keys = offsets = None
+    if len(tokens) == 2 * n_lines:  # one "key offset" pair per line: vectorised parse
+        try:
+            pairs = np.array(tokens, dtype=np.bytes_).reshape(-1, 2).astype(np.int64)
+            keys, offsets = pairs[:, 0].copy(), pairs[:, 1].copy()
+        except ValueError:
+            pass
+    if keys is None:
+        keys, offsets = _read_index_slowly(idx_path, text)
+    if len(keys) == 0:
+        raise ValueError(f"{idx_path}: index file has no records")
+    bad = np.flatnonzero((keys < 0) | (offsets < 0))
+    if bad.size:
+        j = int(bad[0])
+        raise ValueError(f"{idx_path}: entry {j} has a negative key or offset "
+                         f"({int(keys[j])}, {int(offsets[j])})")
+    order = np.argsort(keys, kind="stable")
+    dup = np.flatnonzero(np.diff(keys[order]) == 0)
+    if dup.size:
+        j = int(order[dup[0] + 1])
+        raise ValueError(f"{idx_path}: key {int(keys[j])} appears more than once "
+                         f"(second time at entry {j})")
+    return keys, offsets
+
+
+def _read_index_slowly(idx_path: str, text: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Line-by-line parse that names the first bad line."""
+    keys, offsets = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            keys.append(int(parts[0]))
+            offsets.append(int(parts[1]))
+        except ValueError:
+            raise ValueError(
+                f"{idx_path}: line {lineno} is {line[:80]!r}, expected 'key<TAB>offset'"
+            ) from None
+    return np.array(keys, np.int64), np.array(offsets, np.int64)
+
+
+def read_property(path: str) -> tuple[int, int, int]:
+    """``(num_classes, height, width)`` from a ``property`` file."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    fields = [x.strip() for x in text.split(",")]
+    try:
+        values = [int(x) for x in fields]
+        if len(values) != 3 or values[0] < 1:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"{path}: expected 'num_classes,height,width' with num_classes >= 1, "
+            f"got {text[:80]!r}") from None
+    return values[0], values[1], values[2]
+
+
+def _resolve(path: str | os.PathLike) -> tuple[str, str, str]:
+    """``(rec, idx, property)`` paths from a folder or a ``.rec`` file; checks they exist."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        rec = os.path.join(path, "train.rec")
+    else:
+        rec = path
+    base = rec[:-4] if rec.endswith(".rec") else rec
+    idx = base + ".idx"
+    prop = os.path.join(os.path.dirname(rec), "property")
+    missing = [p for p in (rec, idx) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"RecordIO dataset at {path!r}: missing {', '.join(missing)} "
+            "(need train.rec and train.idx)")
+    return rec, idx, prop
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class RecordIODataset:
+    """Random-access InsightFace RecordIO source (see the module docstring).
+
+    Args:
+      path: the folder holding ``train.rec``/``train.idx`` (``property``
+        optional), or the ``.rec`` file itself (its ``.idx`` beside it).
+      skip_corrupt: return None for (and count) corrupt records instead of
+        raising :class:`CorruptRecordError`.
+
+    Raises:
+      FileNotFoundError: ``train.rec`` or ``train.idx`` is missing (named).
+      ValueError: a malformed ``.idx`` line (numbered) or duplicate key, a bad
+        ``property`` file, image keys missing from the index (unless
+        ``skip_corrupt``), or an unreadable header record (key 0).
+    """
+
+    def __init__(self, path: str | os.PathLike, skip_corrupt: bool = False):
+        self.rec_path, self.idx_path, self.property_path = _resolve(path)
+        self.skip_corrupt = bool(skip_corrupt)
+        self._corrupt: set[int] = set()
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
+        self._labels: np.ndarray | None = None
+        self._file_size = os.path.getsize(self.rec_path)
+        keys, offsets = read_index(self.idx_path)
+        order = np.argsort(keys)
+        self._sorted_keys: np.ndarray | None = keys[order]
+        self._sorted_offsets: np.ndarray | None = offsets[order]
+
+        self.has_header = False
+        self.first_identity_record = self.end_record = 0
+        zero = self._offset_of(0)
+        if zero >= 0:
+            where = f"{self.rec_path}: header record (key 0, offset {zero})"
+            head, _ = unpack_payload(self._read_payload(zero, where), where)
+            if head.flag > 0:
+                self.has_header = True
+                first = sources.label_from_float(head.labels[0], where)
+                end = sources.label_from_float(head.labels[1], where) if head.flag > 1 else first
+                if first < 1 or end < first:
+                    raise CorruptRecordError(
+                        f"{where}: header labels [first_identity_record={first}, end={end}] "
+                        "are inconsistent (need 1 <= first_identity_record <= end)")
+                self.first_identity_record, self.end_record = first, end
+        if self.has_header:
+            self._keys = np.arange(1, self.first_identity_record, dtype=np.int64)
+        else:
+            self._keys = keys
+        self._offsets = self._offsets_of(self._keys) if self.has_header else offsets
+        missing = np.flatnonzero(self._offsets < 0)
+        if missing.size:
+            msg = (f"{self.idx_path}: {missing.size} image keys in [1, "
+                   f"{self.first_identity_record}) are missing from the index "
+                   f"(first: key {int(self._keys[missing[0]])})")
+            if not self.skip_corrupt:
+                raise ValueError(msg)
+            sources.logger.warning("%s; those records will be skipped", msg)
+
+        self.image_size: tuple[int, int] | None = None
+        self._num_classes: int | None = None
+        if os.path.isfile(self.property_path):
+            n, h, w = read_property(self.property_path)
+            self._num_classes, self.image_size = n, (h, w)
+        elif self.num_identities > 0:
+            self._num_classes = self.num_identities
+
+    # -- interface
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"RecordIODataset({self.rec_path!r}, skip_corrupt={self.skip_corrupt})"
+
+    @property
+    def num_classes(self) -> int:
+        """From ``property``, else the number of identity records, else max label + 1."""
+        if self._num_classes is None:
+            labels = self.labels()
+            self._num_classes = int(labels.max()) + 1 if len(labels) else 0
+        return self._num_classes
+
+    @property
+    def num_identities(self) -> int:
+        """Number of identity records (0 without a header)."""
+        return self.end_record - self.first_identity_record
+
+    @property
+    def num_corrupt(self) -> int:
+        """Distinct corrupt records met so far in this process."""
+        return len(self._corrupt)
+
+    @property
+    def corrupt_indices(self) -> list[int]:
+        """Indices of the corrupt records met so far in this process."""
+        return sorted(self._corrupt)
+
+    def key_of(self, index: int) -> int:
+        """The RecordIO key of record ``index``."""
+        return int(self._keys[sources.check_index(index, len(self), repr(self))])
+
+    def record_name(self, index: int) -> str:
+        """``"<file>: record index i (key k, offset o)"`` for messages."""
+        return (f"{self.rec_path}: record index {index} (key {int(self._keys[index])}, "
+                f"offset {int(self._offsets[index])})")
+
+    def __getitem__(self, index: Any) -> sources.Example | None:
+        i = sources.check_index(index, len(self), repr(self))
+        where = self.record_name(i)
+        try:
+            head, image_bytes = unpack_payload(self._read_payload_at(i, where), where)
+            label = sources.label_from_float(head.labels[0], where)
+            try:
+                image = sources.decode_image(image_bytes)
+            except ValueError as e:
+                raise CorruptRecordError(f"{where}: {e}") from e
+        except CorruptRecordError as e:
+            sources.handle_corrupt(self, i, e)
+            return None
+        return sources.make_example(image, label)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[sources.Example | None]:
+        return [self[i] for i in indices]
+
+    _getitems = __getitems__  # grain's batched-read hook
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """``(encoded image bytes, label)`` of record ``index`` without decoding.
+
+        Raises CorruptRecordError for a broken frame or header regardless of
+        ``skip_corrupt`` (the image itself is not checked).
+        """
+        i = sources.check_index(index, len(self), repr(self))
+        where = self.record_name(i)
+        head, image_bytes = unpack_payload(self._read_payload_at(i, where), where)
+        return image_bytes, sources.label_from_float(head.labels[0], where)
+
+    def labels(self) -> np.ndarray:
+        """Every record's label (int64), reading only record headers.
+
+        With ``skip_corrupt``, a record whose label cannot be read gets
+        ``sources.UNREADABLE_LABEL``; otherwise the error is raised.
+        """
+        if self._labels is None:
+            out = np.empty(len(self), np.int64)
+            for i in range(len(self)):
+                try:
+                    out[i] = self._read_label(i)
+                except CorruptRecordError as e:
+                    sources.handle_corrupt(self, i, e)
+                    out[i] = sources.UNREADABLE_LABEL
+            self._labels = out
+        return self._labels.copy()
+
+    def identity_ranges(self) -> np.ndarray:
+        """``[num_identities, 2]`` int64 ``[start, end)`` image-key ranges, one per identity.
+
+        Raises CorruptRecordError naming an identity record that cannot be read
+        or holds a range outside the image keys.
+        """
+        out = np.zeros((self.num_identities, 2), np.int64)
+        for j, key in enumerate(range(self.first_identity_record, self.end_record)):
+            off = self._offset_of(key)
+            where = f"{self.rec_path}: identity record {j} (key {key}, offset {off})"
+            if off < 0:
+                raise CorruptRecordError(f"{where}: key missing from {self.idx_path}")
+            head, _ = unpack_payload(self._read_payload(off, where), where)
+            if head.flag < 2:
+                raise CorruptRecordError(f"{where}: expected 2 labels [start, end), "
+                                         f"found flag {head.flag}")
+            start = sources.label_from_float(head.labels[0], where)
+            end = sources.label_from_float(head.labels[1], where)
+            if not start <= end <= self.first_identity_record:
+                raise CorruptRecordError(
+                    f"{where}: range [{start}, {end}) is not inside the image keys "
+                    f"[1, {self.first_identity_record})")
+            out[j] = start, end
+        return out
+
+    # -- file access
+
+    def close(self) -> None:
+        """Closes this process's descriptor (reopened on the next read)."""
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+        self._fd = self._fd_pid = None
+
+    def __enter__(self) -> RecordIODataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pylint: disable=broad-except
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fd"] = state["_fd_pid"] = None
+        state["_labels"] = None
+        state["_sorted_keys"] = state["_sorted_offsets"] = None  # re-read from .idx if needed
+        state["_corrupt"] = set(self._corrupt)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def _descriptor(self) -> int:
+        """This process's read-only descriptor, opened on first use (after fork: anew)."""
+        pid = os.getpid()
+        if self._fd is None or self._fd_pid != pid:
+            with _OPEN_LOCK:  # reader threads of one process share one descriptor
+                if self._fd is None or self._fd_pid != pid:
+                    self._fd = os.open(self.rec_path, os.O_RDONLY)
+                    self._fd_pid = pid
+        return self._fd
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self._descriptor(), n, offset)
+
+    def _offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """Offsets of ``keys`` (int64), -1 where a key is not in the index."""
+        if self._sorted_keys is None:
+            all_keys, all_offsets = read_index(self.idx_path)
+            order = np.argsort(all_keys)
+            self._sorted_keys, self._sorted_offsets = all_keys[order], all_offsets[order]
+        j = np.minimum(np.searchsorted(self._sorted_keys, keys), len(self._sorted_keys) - 1)
+        found = self._sorted_keys[j] == keys
+        return np.where(found, self._sorted_offsets[j], -1).astype(np.int64)
+
+    def _offset_of(self, key: int) -> int:
+        return int(self._offsets_of(np.array([key], np.int64))[0])
+
+    def _read_payload_at(self, i: int, where: str, limit: int | None = None) -> bytes:
+        offset = int(self._offsets[i])
+        if offset < 0:
+            raise CorruptRecordError(f"{where}: key missing from {self.idx_path}")
+        return self._read_payload(offset, where, limit)
+
+    def _read_label(self, i: int) -> int:
+        where = self.record_name(i)
+        offset = int(self._offsets[i])
+        if offset >= 0 and offset + _FRAME.size + _LABEL_PREFIX <= self._file_size:
+            # fast path: frame + header + first float in one read
+            buf = self._pread(_FRAME.size + _LABEL_PREFIX, offset)
+            magic, lrec = _FRAME.unpack_from(buf, 0)
+            length = lrec & LENGTH_MASK
+            if (magic == MAGIC and lrec >> LENGTH_BITS == 0 and length >= _LABEL_PREFIX
+                    and offset + _FRAME.size + length <= self._file_size):
+                flag, label, _, _ = _HEADER.unpack_from(buf, _FRAME.size)
+                if flag > 0:
+                    if _HEADER.size + 4 * flag > length:
+                        unpack_payload(self._read_payload(offset, where), where)  # raises
+                    label = _FLOAT.unpack_from(buf, _FRAME.size + _HEADER.size)[0]
+                return sources.label_from_float(label, where)
+        payload = self._read_payload_at(i, where, limit=_LABEL_PREFIX)
+        head, _ = unpack_payload(payload, where)
+        return sources.label_from_float(head.labels[0], where)
+
+    def _read_payload(self, offset: int, where: str, limit: int | None = None) -> bytes:
+        """Reads the payload of the record framed at ``offset`` (joining parts).
+
+        With ``limit``, stops once at least ``limit`` bytes are read (every
+        frame met is still checked against the end of the file).
+        """
+        parts: list[bytes] = []
+        total = 0
+        pos = offset
+        first = True
+        while True:
+            head = self._pread(_FRAME.size, pos)
+            if len(head) < _FRAME.size:
+                raise CorruptRecordError(
+                    f"{where}: the file ends at byte {self._file_size}, inside the "
+                    f"record frame at offset {pos}: file truncated?")
+            magic, lrec = _FRAME.unpack(head)
+            if magic != MAGIC:
+                raise CorruptRecordError(
+                    f"{where}: bad magic 0x{magic:08x} at offset {pos} "
+                    f"(expected 0x{MAGIC:08x}): wrong offset in the index, or a damaged file")
+            cflag, length = lrec >> LENGTH_BITS, lrec & LENGTH_MASK
+            if first and cflag not in (0, 1):
+                raise CorruptRecordError(
+                    f"{where}: continuation flag {cflag} at offset {pos} where a record "
+                    "starts (expected 0 = whole record or 1 = first part)")
+            if not first and cflag not in (2, 3):
+                raise CorruptRecordError(
+                    f"{where}: continuation flag {cflag} at offset {pos} inside a "
+                    "multi-part record (expected 2 = middle part or 3 = last part)")
+            end = pos + _FRAME.size + length
+            if end > self._file_size:
+                raise CorruptRecordError(
+                    f"{where}: the record part at offset {pos} is {length} bytes long and "
+                    f"runs to byte {end}, past the end of the file ({self._file_size} "
+                    "bytes): file truncated?")
+            want = length if limit is None else max(0, min(length, limit - total))
+            if want:
+                data = self._pread(want, pos + _FRAME.size)
+                if len(data) != want:
+                    raise CorruptRecordError(
+                        f"{where}: short read at offset {pos + _FRAME.size} "
+                        f"({len(data)} of {want} bytes): file changed while reading?")
+                parts.append(data)
+                total += want
+            if cflag in (0, 3) or (limit is not None and total >= limit):
+                break
+            parts.append(MAGIC_BYTES)
+            total += len(MAGIC_BYTES)
+            pos = end + (-length % 4)
+            first = False
+        return b"".join(parts)
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+class RecordIOWriter:
+    """Writes ``train.rec``, ``train.idx`` and ``property`` into ``folder``.
+
+    With ``header=True`` (default) key 0 is the header record, images are keys
+    ``1..N`` in the order added, and :meth:`close` appends one identity record
+    per label ``0 .. num_classes - 1`` (``identities=True``; each identity's
+    images must then be added consecutively; a label without images gets the
+    empty range ``[0, 0)``). With ``header=False`` images are keys ``0..N-1``.
+
+    Use as a context manager or call :meth:`close`::
+
+        with RecordIOWriter(folder) as w:
+            w.add_image(image_array, label=3)
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, header: bool = True,
+                 identities: bool | None = None, image_format: str = "jpeg",
+                 quality: int = 95, write_property: bool = True):
+        if identities is None:
+            identities = header
+        if identities and not header:
+            raise ValueError("identity records need the header record (header=True)")
+        self.folder = os.fspath(folder)
+        os.makedirs(self.folder, exist_ok=True)
+        self.rec_path = os.path.join(self.folder, "train.rec")
+        self.idx_path = os.path.join(self.folder, "train.idx")
+        self.property_path = os.path.join(self.folder, "property")
+        self.header, self.identities = header, identities
+        self.image_format, self.quality = image_format, quality
+        self.write_property = write_property
+        self._rec = open(self.rec_path, "wb")  # pylint: disable=consider-using-with
+        self._index: list[tuple[int, int]] = []
+        self._ranges: dict[int, list[int]] = {}
+        self._last_label: int | None = None
+        self._max_label = -1
+        self._image_size: tuple[int, int] | None = None
+        self._closed = False
+        if header:
+            self._header_frame = frame_record(pack_payload([0.0, 0.0]))
+            self._write(0, self._header_frame)
+
+    @property
+    def num_images(self) -> int:
+        """Images written so far."""
+        return len(self._index) - (1 if self.header else 0)
+
+    def _write(self, key: int, frame: bytes) -> None:
+        self._index.append((key, self._rec.tell()))
+        self._rec.write(frame)
+
+    def add_image(self, image: np.ndarray | bytes, label: int, *,
+                  extra_labels: Sequence[float] = (), id: int | None = None,
+                  id2: int = 0) -> int:  # pylint: disable=redefined-builtin
+        """Appends one image record and returns its key.
+
+        Args:
+          image: a uint8 array (encoded with ``image_format``/``quality``) or
+            already-encoded bytes (written verbatim, even if not an image).
+          label: the class label, an integer in ``[0, 2**24]``.
+          extra_labels: more float labels; if given, the header has
+            ``flag = 1 + len(extra_labels)`` and the labels follow it.
+          id: the header's ``id`` field (default: the key); ``id2`` likewise.
+        """
+        if self._closed:
+            raise ValueError(f"{self.rec_path}: writer is closed")
+        label = int(label)
+        if not 0 <= label <= MAX_EXACT_LABEL:
+            raise ValueError(f"label {label} must be in [0, {MAX_EXACT_LABEL}] "
+                             "(labels are stored as float32)")
+        key = len(self._index)
+        if self.identities and label != self._last_label and label in self._ranges:
+            raise ValueError(
+                f"label {label} at key {key}: with identity records, each identity's "
+                "images must be added consecutively (or pass identities=False)")
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        else:
+            arr = np.asarray(image)
+            if self._image_size is None:
+                self._image_size = (int(arr.shape[0]), int(arr.shape[1]))
+            data = sources.encode_image(arr, self.image_format, self.quality)
+        labels: float | list[float] = float(label)
+        if len(extra_labels):
+            labels = [float(label)] + [float(x) for x in extra_labels]
+        payload = pack_payload(labels, data, id=key if id is None else id, id2=id2)
+        self._write(key, frame_record(payload))
+        self._ranges.setdefault(label, [key, key])[1] = key + 1
+        self._last_label = label
+        self._max_label = max(self._max_label, label)
+        return key
+
+    def close(self, num_classes: int | None = None,
+              image_size: tuple[int, int] | None = None) -> None:
+        """Writes the identity records, the header record, the index and ``property``.
+
+        Args:
+          num_classes: written to ``property`` and the number of identity
+            records; default max label + 1.
+          image_size: ``(height, width)`` for ``property``; default the first
+            array image's size, else (112, 112).
+        """
+        if self._closed:
+            return
+        if num_classes is None:
+            num_classes = self._max_label + 1
+        if num_classes <= self._max_label:
+            raise ValueError(f"num_classes={num_classes} but label {self._max_label} was written")
+        try:
+            if self.header:
+                first = len(self._index)
+                if self.identities:
+                    for c in range(num_classes):
+                        start, end = self._ranges.get(c, (0, 0))
+                        self._write(len(self._index),
+                                    frame_record(pack_payload([start, end], id=c)))
+                header = frame_record(pack_payload([float(first), float(len(self._index))]))
+                assert len(header) == len(self._header_frame)
+                self._rec.seek(0)
+                self._rec.write(header)
+        finally:
+            self._rec.close()
+            self._closed = True
+        with open(self.idx_path, "w", encoding="ascii") as f:
+            f.writelines(f"{k}\t{o}\n" for k, o in self._index)
+        if self.write_property and num_classes > 0:
+            h, w = image_size or self._image_size or (112, 112)
+            with open(self.property_path, "w", encoding="ascii") as f:
+                f.write(f"{num_classes},{h},{w}")
+
+    def __enter__(self) -> RecordIOWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif not self._closed:
+            self._rec.close()
+            self._closed = True
