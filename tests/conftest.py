@@ -11,3 +11,11 @@ import jax  # noqa: E402
 jax.config.update("jax_platforms", "cpu")
 assert jax.device_count() == 8, (
     f"tests need 8 CPU devices, got {jax.device_count()}: was JAX imported before conftest?")
+
+# Identical programs (the trainer tests build the same step several times)
+# compile once per machine.
+import tempfile  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), "pfc_jax_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -1,0 +1,103 @@
+"""Checkpoints in the workdir: orbax, async, keep the last N, data iterator included.
+
+One checkpoint step holds four items:
+
+* ``backbone``: ``{"params", "batch_stats"}``: all that inference needs, so
+  evaluation and export restore it alone, without the class table;
+* ``train``: ``{"step", "opt_state", "head"}``: the optimizer states and the
+  sharded class table; restored into the current run's shardings, so a run
+  saved on 8 devices resumes on 4;
+* ``data``: the input pipeline's iterator state (JSON; it names the global
+  batch position, which is the same on every process);
+* ``meta``: JSON facts needed before restoring (table rows, classes, ...).
+
+orbax writes each step into a temporary directory and renames it when
+complete, so a crash during a save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("backbone", "train", "data", "meta")
+
+
+class Checkpoints:
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+                 with_data: bool = True):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        handlers = dict(backbone=ocp.StandardCheckpointHandler(),
+                        train=ocp.StandardCheckpointHandler(),
+                        meta=ocp.JsonCheckpointHandler())
+        if with_data:
+            handlers["data"] = ocp.JsonCheckpointHandler()
+        self.with_data = with_data
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
+            item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def meta(self, step: int) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def save(self, step: int, state, data_iterator, meta: dict) -> None:
+        items = dict(
+            backbone=ocp.args.StandardSave(
+                {"params": state.params, "batch_stats": state.batch_stats}),
+            train=ocp.args.StandardSave(
+                {"step": state.step, "opt_state": state.opt_state, "head": state.head}),
+            meta=ocp.args.JsonSave(meta))
+        if self.with_data:
+            items["data"] = ocp.args.JsonSave(
+                {"iterator": data_iterator.get_state().decode("utf-8")})
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """Restores into ``abstract_state``'s shapes and shardings; returns the state."""
+        items = dict(
+            backbone=ocp.args.StandardRestore(
+                {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}),
+            train=ocp.args.StandardRestore(
+                {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                 "head": abstract_state.head}))
+        if self.with_data and data_iterator is not None:
+            items["data"] = ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if self.with_data and data_iterator is not None:
+            data_iterator.set_state(out["data"]["iterator"])
+        return abstract_state.replace(
+            params=out["backbone"]["params"], batch_stats=out["backbone"]["batch_stats"],
+            step=out["train"]["step"], opt_state=out["train"]["opt_state"],
+            head=out["train"]["head"])
+
+    def restore_backbone(self, step: int | None = None, target: Any = None) -> dict:
+        """``{"params", "batch_stats"}`` of a step (default: latest), for evaluation/export."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        args = ocp.args.StandardRestore(target) if target is not None else \
+            ocp.args.StandardRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(backbone=args))
+        return out["backbone"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of ``tree`` carrying ``shardings`` (restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)

@@ -1,0 +1,154 @@
+"""Config defaults shared by the recipes in ``configs/``, and start-up validation.
+
+A recipe is ``configs/NAME.py`` with ``get_config(arg=None) -> ConfigDict``
+that starts from ``base_config()`` and sets the numbers that define it
+(classes, images, batch, optimizer, epochs, margins, sample rate, mesh).
+Every field can be overridden on the command line:
+``--config.head.sample_rate=0.2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from pfc_jax.margins import ARCFACE
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="r50", embedding_dim=512, dropout=0.0,
+        dtype="float32",       # compute dtype: float32 | bfloat16 (params stay float32)
+    ))
+
+    c.head = ml_collections.ConfigDict(dict(
+        num_classes=ml_collections.FieldReference(None, field_type=int),
+        sample_rate=1.0, scale=64.0, margins=ARCFACE, num_subcenters=1,
+        grad_mode="exact", filter_threshold=0.0, filter_mode="mask",
+        matmul_dtype="float32", row_update="lazy", sampler="select",
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        kind="recordio",       # recordio | folder | arrayrecord | tfds | synthetic
+        path=ml_collections.FieldReference(None, field_type=str),
+        tfds_split="train",
+        num_images=ml_collections.FieldReference(None, field_type=int),  # for epochs -> steps
+        skip_corrupt=False,
+        worker_count=4,
+        worker_buffer_size=2,
+        # synthetic identities (kind = synthetic)
+        synthetic_identities=1000, synthetic_images_per_identity=20,
+        # augmentations beyond the flip (the reference's optional "dali_aug" set)
+        flip=True, lowres_prob=0.0, blur_prob=0.0, color_jitter=0.0, grayscale_prob=0.0,
+    ))
+
+    c.batch_size = 128 * 8     # global batch
+    c.grad_accum_steps = 1     # micro-batches per step; they share one sampled class set
+    c.num_epochs = 20
+    c.max_steps = ml_collections.FieldReference(None, field_type=int)  # overrides epochs
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="sgd",            # sgd | adamw
+        lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=False,
+        b1=0.9, b2=0.999, eps=1e-8,
+        schedule="poly",       # poly (power 2, with warm-up) | cosine | constant
+        warmup_epochs=0.0, power=2.0,
+        grad_clip=5.0,         # global-norm clip of the backbone gradient; 0 = off
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1))
+    c.mesh_devices = ml_collections.FieldReference(None, field_type=int)  # None = all devices
+    c.head_axes = ml_collections.FieldReference(None, field_type=tuple)
+
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=2000,
+        bins=(),               # names under data.path (lfw -> lfw.bin) or full paths
+        batch_size=64,
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2000, keep=3, async_save=True))
+    c.log_every_steps = 50
+    return c
+
+
+def total_steps(c) -> int:
+    if c.max_steps:
+        return int(c.max_steps)
+    if not c.data.num_images:
+        raise ValueError("config: set data.num_images (to turn epochs into steps) or max_steps")
+    return max(1, int(math.ceil(c.data.num_images * c.num_epochs / c.batch_size)))
+
+
+def steps_per_epoch(c) -> float:
+    return (c.data.num_images or c.batch_size * total_steps(c)) / c.batch_size
+
+
+def validate(c, num_devices: int) -> None:
+    """Clear errors for what would otherwise fail deep inside a compile or a run."""
+    from pfc_jax import models  # local: models import flax
+
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"config: {msg}")
+
+    need(c.head.num_classes is not None and c.head.num_classes >= 1,
+         f"head.num_classes must be >= 1, got {c.head.num_classes}")
+    need(c.batch_size >= 1 and c.batch_size % num_devices == 0,
+         f"batch_size {c.batch_size} is not divisible by the {num_devices} data-parallel devices")
+    need(c.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {c.grad_accum_steps}")
+    need((c.batch_size // num_devices) % c.grad_accum_steps == 0,
+         f"per-device batch {c.batch_size // num_devices} is not divisible by "
+         f"grad_accum_steps {c.grad_accum_steps}")
+    need(c.model.name in models.ALL_NAMES,
+         f"unknown backbone model.name={c.model.name!r}; choose one of {models.ALL_NAMES}")
+    need(c.model.dtype in ("float32", "bfloat16"), f"model.dtype {c.model.dtype!r}")
+    need(c.optimizer.name in ("sgd", "adamw"), f"unknown optimizer {c.optimizer.name!r}")
+    need(c.optimizer.schedule in ("poly", "cosine", "constant"),
+         f"unknown schedule {c.optimizer.schedule!r}")
+    kinds = ("recordio", "folder", "arrayrecord", "tfds", "synthetic")
+    need(c.data.kind in kinds, f"data.kind {c.data.kind!r} is not one of {kinds}")
+    need(c.data.kind == "synthetic" or c.data.path,
+         f"data.path is required for data.kind={c.data.kind!r} "
+         "(pass --config.data.path=/path/to/dataset)")
+    total_steps(c)
+
+
+VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
+
+
+def sgd_recipe(backbone: str, *, num_classes: int, num_images: int, sample_rate: float = 1.0,
+               margins=ARCFACE, epochs: int = 20, batch_size: int = 1024,
+               lr: float = 0.1) -> ml_collections.ConfigDict:
+    """An SGD recipe as the published ResNet/MobileFaceNet runs use it."""
+    c = base_config()
+    c.model.name = backbone
+    c.model.dtype = "bfloat16"
+    c.head.num_classes = num_classes
+    c.head.sample_rate = sample_rate
+    c.head.margins = tuple(margins)
+    c.data.num_images = num_images
+    c.batch_size = batch_size
+    c.num_epochs = epochs
+    c.optimizer.update(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4, schedule="poly",
+                       warmup_epochs=0.0)
+    if backbone == "mbf":
+        c.optimizer.weight_decay = 1e-4
+        c.num_epochs = 40
+    c.eval.bins = VERIFICATION_SETS
+    return c
+
+
+def adamw_recipe(backbone: str, *, num_classes: int, num_images: int, sample_rate: float = 0.3,
+                 margins=(1.0, 0.0, 0.4), epochs: int = 40,
+                 batch_size: int = 3072) -> ml_collections.ConfigDict:
+    """The ViT recipe: AdamW lr 1e-3 wd 0.1, a tenth of the epochs as warm-up."""
+    c = sgd_recipe(backbone, num_classes=num_classes, num_images=num_images,
+                   sample_rate=sample_rate, margins=margins, epochs=epochs,
+                   batch_size=batch_size)
+    c.optimizer.update(name="adamw", lr=1e-3, weight_decay=0.1, warmup_epochs=epochs / 10,
+                       grad_clip=5.0)
+    c.eval.bins = ()
+    return c

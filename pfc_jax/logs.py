@@ -1,0 +1,72 @@
+"""Training logs: a console line, ``metrics.jsonl`` always, TensorBoard when available.
+
+TensorBoard event files are written through clu's metric writers, which
+need TensorFlow: ``pip install -e '.[tensorboard]'``. Without it the run
+says so once and carries on with the JSON lines.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+
+class MetricLogger:
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True,
+                 stream=None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream or sys.stdout
+        self._last_time = None
+        self._last_step = None
+        self._jsonl = None
+        self._writer = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        try:
+            from clu import metric_writers  # imports TensorFlow
+            self._writer = metric_writers.create_default_writer(
+                os.path.join(workdir, "tensorboard"), asynchronous=True)
+        except ImportError:
+            self.print("TensorBoard logging off (install the 'tensorboard' extra for it); "
+                       "metrics go to metrics.jsonl")
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, file=self.stream, flush=True)
+
+    def write(self, step: int, metrics: dict, prefix: str) -> None:
+        if not self.enabled:
+            return
+        scalars = {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
+        if self._writer is not None:
+            self._writer.write_scalars(int(step), scalars)
+
+    def train_line(self, step: int, metrics: dict, samples_per_step: int) -> None:
+        """The console line: step, loss, lr, samples/s, ETA (rates since the last line)."""
+        now = time.time()
+        rate = eta = None
+        if self._last_time is not None and step > self._last_step:
+            rate = (step - self._last_step) * samples_per_step / (now - self._last_time)
+            secs = (self.total_steps - step) * samples_per_step / rate
+            eta = str(datetime.timedelta(seconds=int(secs)))
+        self._last_time, self._last_step = now, step
+        extra = "".join(f"  {k} {metrics[k]:.4g}" for k in ("top1", "grad_norm")
+                        if k in metrics)
+        self.print(f"step {step:>7d}/{self.total_steps}  loss {metrics['loss']:8.4f}  "
+                   f"lr {metrics['lr']:.4g}{extra}  "
+                   f"{'-' if rate is None else f'{rate:,.0f}'} samples/s  "
+                   f"ETA {eta or '-'}")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

@@ -1,0 +1,414 @@
+"""Training: ``python -m pfc_jax.train --config configs/X.py --workdir DIR``.
+
+One loop, ``train_and_evaluate(config, workdir)``:
+
+1. mesh, config checks, data source; every label is checked against
+   ``head.num_classes`` before step 1;
+2. the state (backbone params and BN statistics replicated, the class table
+   sharded) is built by a jitted init with output shardings, or restored
+   from the newest checkpoint in the workdir (rerunning resumes);
+3. each step is one pure jitted function ``train_step(state, batch)`` with
+   explicit shardings and a donated state: backbone forward, the Partial FC
+   head (one sampled class set per step, shared by the gradient-accumulation
+   micro-batches), backbone backward, optax on the backbone, lazy row updates
+   on the head; the sampling and dropout randomness is ``fold_in(seed,
+   step)``, so a resumed run draws what the uninterrupted run would have;
+4. logging, verification every ``eval.every_steps``, checkpoints every
+   ``checkpoint.every_steps``; a non-finite loss stops the run naming the
+   step, before anything after the last good checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pfc_jax import checkpoint as ckpt_lib
+from pfc_jax import config as config_lib
+from pfc_jax import logs
+from pfc_jax import mesh as mesh_lib
+from pfc_jax import models
+from pfc_jax import partial_fc as pf
+
+IMAGE_SHAPE = (112, 112, 3)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    head: pf.HeadState
+
+
+# ----------------------------------------------------------------- building blocks
+def make_schedule(config, total: int) -> optax.Schedule:
+    o = config.optimizer
+    warmup = int(round(o.warmup_epochs * config_lib.steps_per_epoch(config)))
+    warmup = min(warmup, total - 1) if total > 1 else 0
+    if o.schedule == "constant":
+        main = optax.constant_schedule(o.lr)
+    elif o.schedule == "cosine":
+        main = optax.cosine_decay_schedule(o.lr, max(1, total - warmup))
+    else:  # poly: lr * (1 - t / T) ** power after the warm-up
+        main = optax.polynomial_schedule(o.lr, 0.0, o.power, max(1, total - warmup))
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), main], [warmup])
+
+
+def make_optimizers(config, schedule) -> tuple[optax.GradientTransformation, ...]:
+    """(backbone, head) transforms; the same rule, the backbone's gradient clipped."""
+    o = config.optimizer
+    if o.name == "sgd":
+        core = optax.chain(optax.add_decayed_weights(o.weight_decay),
+                           optax.sgd(schedule, momentum=o.momentum, nesterov=o.nesterov))
+    else:
+        core = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    backbone = optax.chain(optax.clip_by_global_norm(o.grad_clip), core) if o.grad_clip else core
+    return backbone, core
+
+
+def head_config(config) -> pf.HeadConfig:
+    h = config.head
+    return pf.HeadConfig(
+        num_classes=int(h.num_classes), embedding_dim=int(config.model.embedding_dim),
+        num_subcenters=int(h.num_subcenters), sample_rate=float(h.sample_rate),
+        scale=float(h.scale), margins=tuple(float(m) for m in h.margins),
+        grad_mode=h.grad_mode, filter_threshold=float(h.filter_threshold),
+        filter_mode=h.filter_mode, matmul_dtype=h.matmul_dtype, update=h.row_update,
+        sampler=h.sampler)
+
+
+def build_source(config, *, held_out: bool = False):
+    """The training source named by ``config.data`` (synthetic: the held-out split too)."""
+    d = config.data
+    if d.kind == "synthetic":
+        from pfc_jax.data.synthetic import SyntheticFaces
+        if held_out:
+            return SyntheticFaces(200, 8, seed=config.seed + 1,
+                                  identity_offset=d.synthetic_identities)
+        return SyntheticFaces(d.synthetic_identities, d.synthetic_images_per_identity,
+                              seed=config.seed)
+    from pfc_jax.data.sources import open_source
+    kw = dict(skip_corrupt=d.skip_corrupt)
+    if d.kind == "tfds":
+        kw["split"] = d.tfds_split
+    return open_source(d.kind, d.path, **kw)
+
+
+def make_loader(config, source):
+    from pfc_jax.data.augment import AugmentConfig
+    from pfc_jax.data.pipeline import PipelineConfig, make_loader as _make
+    d = config.data
+    cfg = PipelineConfig(
+        global_batch=config.batch_size, seed=config.seed, shuffle=True, num_epochs=None,
+        worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
+        augment=AugmentConfig(flip=d.flip, lowres_prob=d.lowres_prob, blur_prob=d.blur_prob,
+                              color_jitter=d.color_jitter, grayscale_prob=d.grayscale_prob))
+    return _make(source, cfg, process_index=jax.process_index(),
+                 process_count=jax.process_count())
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1], on the device."""
+    return (images.astype(jnp.float32) - 127.5) / 127.5
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The model, the head and the jitted functions for one config and mesh."""
+
+    config: Any
+    mesh: Any
+    padded_classes: int | None = None
+
+    def __post_init__(self):
+        c = self.config
+        self.total_steps = config_lib.total_steps(c)
+        self.schedule = make_schedule(c, self.total_steps)
+        self.tx, head_tx = make_optimizers(c, self.schedule)
+        self.model = models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
+                                      dtype=jnp.dtype(c.model.dtype), dropout=c.model.dropout)
+        self.head = pf.PartialFC(head_config(c), self.mesh, head_tx,
+                                 head_axes=c.head_axes, padded_classes=self.padded_classes)
+        self.base_key = jax.random.key(c.seed)
+        repl = mesh_lib.replicated(self.mesh)
+        abstract = jax.eval_shape(self._init_state, self.base_key)
+        self.state_shardings = TrainState(
+            step=repl, params=jax.tree.map(lambda _: repl, abstract.params),
+            batch_stats=jax.tree.map(lambda _: repl, abstract.batch_stats),
+            opt_state=jax.tree.map(lambda _: repl, abstract.opt_state),
+            head=self.head.state_shardings)
+        self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_shardings)
+        batch_sh = mesh_lib.batch_sharding(self.mesh)
+        self.init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(
+            self._train_step, in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        self.embed = jax.jit(self._embed, in_shardings=(repl, repl, batch_sh),
+                             out_shardings=batch_sh)
+
+    def _init_state(self, key) -> TrainState:
+        k_model, k_drop, k_head = jax.random.split(key, 3)
+        variables = self.model.init({"params": k_model, "dropout": k_drop},
+                                    jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          batch_stats=variables.get("batch_stats", {}),
+                          opt_state=self.tx.init(params), head=self.head._make_state(k_head))
+
+    def _embed(self, params, batch_stats, images):
+        return self.model.apply({"params": params, "batch_stats": batch_stats},
+                                normalize(images), train=False)
+
+    def _micro(self, params, batch_stats, rows, idx, images, labels, key):
+        """One micro-batch: loss, stats and gradients for backbone and sampled rows."""
+
+        def forward(p):
+            emb, updates = self.model.apply(
+                {"params": p, "batch_stats": batch_stats}, normalize(images), train=True,
+                mutable=["batch_stats"], rngs={"dropout": key})
+            return emb, updates
+
+        emb, backbone_vjp, updates = jax.vjp(forward, params, has_aux=True)
+        (loss, stats), (row_grads, emb_grads) = jax.value_and_grad(
+            self.head.loss, argnums=(0, 2), has_aux=True)(rows, idx, emb, labels)
+        (grads,) = backbone_vjp(emb_grads.astype(emb.dtype))
+        return loss, stats, grads, row_grads, updates.get("batch_stats", batch_stats)
+
+    def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        n_acc = self.config.grad_accum_steps
+        key = jax.random.fold_in(self.base_key, state.step)
+        k_sample, k_drop = jax.random.split(key)
+        # Rows of skipped (corrupt) records carry label -1 and valid = False:
+        # zero loss and gradient in the head, and not counted as bad labels.
+        images, labels = batch["image"], batch["label"].astype(jnp.int32)
+        valid = batch["valid"]
+        idx = self.head.sample(labels, k_sample)  # one class set for all micro-batches
+        rows = self.head.ops.gather(state.head.centers, idx)
+        if n_acc == 1:
+            loss, stats, grads, row_grads, batch_stats = self._micro(
+                state.params, state.batch_stats, rows, idx, images, labels, k_drop)
+            top1 = jnp.mean(stats["target_is_max"])
+            bad = jnp.sum(~stats["label_ok"] & valid)
+        else:
+            # Micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps its
+            # share of every micro-batch, so the split moves no data.
+            spec = NamedSharding(self.mesh, P(None, mesh_lib.batch_axes(self.mesh)))
+
+            def split(x):
+                x = x.reshape(x.shape[0] // n_acc, n_acc, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, spec)
+
+            def body(carry, mb):
+                g_acc, r_acc, bs, loss_acc, top_acc, bad_acc = carry
+                mb_images, mb_labels, mb_valid, a = mb
+                loss, stats, grads, row_grads, bs = self._micro(
+                    state.params, bs, rows, idx, mb_images, mb_labels,
+                    jax.random.fold_in(k_drop, a))
+                g_acc = jax.tree.map(jnp.add, g_acc, grads)
+                return (g_acc, r_acc + row_grads, bs, loss_acc + loss,
+                        top_acc + jnp.mean(stats["target_is_max"]),
+                        bad_acc + jnp.sum(~stats["label_ok"] & mb_valid)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            init = (zeros, jnp.zeros_like(rows), state.batch_stats, 0.0, 0.0, 0)
+            (grads, row_grads, batch_stats, loss, top1, bad), _ = jax.lax.scan(
+                body, init, (split(images), split(labels), split(valid), jnp.arange(n_acc)))
+            grads = jax.tree.map(lambda g: g / n_acc, grads)
+            row_grads, loss, top1 = row_grads / n_acc, loss / n_acc, top1 / n_acc
+
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        head_state = self.head.update(state.head, idx, row_grads, rows)
+        metrics = dict(loss=loss, top1=top1, num_bad_labels=bad,
+                       grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
+        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state, head=head_state)
+        return new_state, metrics
+
+    def embed_fn(self, state):
+        """uint8 host images [b, 112, 112, 3] -> embeddings, for the evaluation helpers."""
+        sharding = mesh_lib.batch_sharding(self.mesh)
+
+        def fn(images):
+            images = jax.device_put(np.asarray(images), sharding)
+            return np.asarray(self.embed(state.params, state.batch_stats, images))
+
+        return fn
+
+
+# ------------------------------------------------------------------------ the loop
+def load_eval_sets(config, held_out_source=None) -> dict:
+    from pfc_jax.evaluate import verification
+    sets = {}
+    for name in config.eval.bins:
+        path = name if os.path.sep in name or name.endswith(".bin") else \
+            os.path.join(config.data.path or ".", f"{name}.bin")
+        vs = verification.load_bin(path)
+        sets[os.path.basename(path).removesuffix(".bin")] = vs
+    if config.data.kind == "synthetic" and held_out_source is not None and not sets:
+        images, issame = held_out_source.verification_pairs(400, seed=config.seed + 2)
+        sets["synthetic_heldout"] = verification.VerificationSet(
+            "synthetic_heldout", images, issame)
+    return sets
+
+
+def evaluate(trainer: Trainer, state, sets: dict, logger, step: int) -> dict:
+    from pfc_jax.evaluate import verification
+    if not sets:
+        return {}
+    batch = trainer.config.eval.batch_size
+    results = verification.verify(trainer.embed_fn(state), sets, batch)
+    for name, res in results.items():
+        logger.write(step, {"accuracy": res.accuracy_mean, "accuracy_std": res.accuracy_std,
+                            **{f"tar@far{far:g}": tar for far, tar in res.tar_at_far.items()}},
+                     prefix=f"eval/{name}")
+    logger.print(f"step {step:>7d}  " + verification.format_results(results))
+    return results
+
+
+class TrainingDiverged(FloatingPointError):
+    pass
+
+
+def _check(step: int, metrics: dict, last_saved: int | None) -> dict:
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+        kept = ("the last good checkpoint is step "
+                f"{last_saved}" if last_saved is not None else "no checkpoint was written")
+        raise TrainingDiverged(
+            f"step {step}: loss {metrics['loss']}, backbone gradient norm "
+            f"{metrics['grad_norm']}; stopping ({kept}). Lower the learning rate, raise "
+            "warm-up, or check the data.")
+    if metrics["num_bad_labels"] > 0:
+        raise ValueError(f"step {step}: {int(metrics['num_bad_labels'])} labels outside "
+                         f"[0, {metrics.get('num_classes', 'num_classes')}) reached the head")
+    return metrics
+
+
+def make_mesh(config):
+    devices = jax.devices()
+    if config.mesh_devices:
+        devices = devices[:config.mesh_devices]
+    return mesh_lib.make_mesh(dict(config.mesh), devices)
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains (or resumes) ``config`` in ``workdir``; returns the last metrics.
+
+    ``stop_after`` ends this call after that many steps, as a preemption
+    would (the schedule still runs to the config's total).
+    """
+    mesh = make_mesh(config)
+    config_lib.validate(config, mesh.size)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    source = build_source(config)
+    from pfc_jax.data.sources import check_labels
+    check_labels(source, config.head.num_classes)
+
+    ckpts = ckpt_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    start = ckpts.latest_step()
+    padded = ckpts.meta(start)["padded_classes"] if start is not None else None
+    trainer = Trainer(config, mesh, padded_classes=padded)
+    logger = logs.MetricLogger(workdir, trainer.total_steps, enabled=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    loader = make_loader(config, source)
+    data_iter = iter(loader)
+    if start is None:
+        state = trainer.init(trainer.base_key)
+        logger.print(f"training from scratch: {trainer.total_steps} steps of "
+                     f"{config.batch_size} on {mesh.size} devices {dict(mesh.shape)}; "
+                     f"{config.head.num_classes} classes, table {trainer.head.table_shape}, "
+                     f"{trainer.head.num_sampled(config.batch_size)} sampled per shard")
+    else:
+        state = ckpts.restore(start, trainer.abstract_state, data_iter)
+        logger.print(f"resumed from step {start} of {trainer.total_steps} "
+                     f"({ckpts.directory})")
+    held_out = build_source(config, held_out=True) if config.data.kind == "synthetic" else None
+    eval_sets = load_eval_sets(config, held_out) if is_main else {}
+    meta = dict(padded_classes=trainer.head.padded_classes,
+                num_classes=int(config.head.num_classes), model=config.model.name,
+                embedding_dim=int(config.model.embedding_dim))
+
+    step = int(jax.device_get(state.step))
+    last_saved, pending, last = start, None, {}
+
+    def flush():  # check and log the newest finished step
+        nonlocal pending, last
+        if pending is None:
+            return
+        done, metrics = pending
+        pending = None
+        last = _check(done, metrics, last_saved)
+        if done % config.log_every_steps == 0 or done == 1 or done == trainer.total_steps:
+            logger.write(done, last, prefix="train")
+            logger.train_line(done, last, config.batch_size)
+
+    t0 = time.time()
+    end = trainer.total_steps if stop_after is None else min(trainer.total_steps,
+                                                             step + stop_after)
+    while step < end:
+        host = next(data_iter)
+        batch = mesh_lib.host_local_to_global(
+            {k: host[k] for k in ("image", "label", "valid")}, mesh)
+        state, metrics = trainer.train_step(state, batch)
+        step += 1
+        flush()  # the previous step's metrics: reading them does not stall the device
+        pending = (step, metrics)
+        save_now = step % config.checkpoint.every_steps == 0 or step == end
+        eval_now = config.eval.every_steps and (
+            step % config.eval.every_steps == 0 or step == trainer.total_steps)
+        if save_now or eval_now:
+            flush()  # never save or evaluate a state that diverged
+            if eval_now:
+                last.update({f"eval/{name}": r.accuracy_mean for name, r in
+                             evaluate(trainer, state, eval_sets, logger, step).items()})
+            if save_now:
+                ckpts.save(step, state, data_iter, meta)
+                last_saved = step
+    flush()
+    ckpts.close()
+    logger.print(f"done: step {step}, {time.time() - t0:.1f} s")
+    logger.close()
+    return last
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+def run():
+    """Console entry point ``pfc-train``."""
+    from absl import app, flags
+    from absl import logging as absl_logging
+    from ml_collections import config_flags
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py recipe (file[:arg])",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
