@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from pfc_jax import checkpoint as ckpt_lib
 from pfc_jax import config as config_lib
+from pfc_jax import distributed
 from pfc_jax import logs
 from pfc_jax import mesh as mesh_lib
 from pfc_jax import models
@@ -157,8 +158,9 @@ class Trainer:
         self.train_step = jax.jit(
             self._train_step, in_shardings=(self.state_shardings, batch_sh),
             out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        # Replicated out: every process reads the whole batch of embeddings.
         self.embed = jax.jit(self._embed, in_shardings=(repl, repl, batch_sh),
-                             out_shardings=batch_sh)
+                             out_shardings=repl)
 
     def _init_state(self, key) -> TrainState:
         k_model, k_drop, k_head = jax.random.split(key, 3)
@@ -240,11 +242,17 @@ class Trainer:
         return new_state, metrics
 
     def embed_fn(self, state):
-        """uint8 host images [b, 112, 112, 3] -> embeddings, for the evaluation helpers."""
+        """uint8 host images [b, 112, 112, 3] -> embeddings, for the evaluation helpers.
+
+        With several processes every one of them calls it with the same images
+        (each places the rows of its own devices) and gets all the embeddings.
+        """
         sharding = mesh_lib.batch_sharding(self.mesh)
 
         def fn(images):
-            images = jax.device_put(np.asarray(images), sharding)
+            images = np.asarray(images)
+            images = jax.make_array_from_callback(images.shape, sharding,
+                                                  lambda index: images[index])
             return np.asarray(self.embed(state.params, state.batch_stats, images))
 
         return fn
@@ -343,7 +351,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         logger.print(f"resumed from step {start} of {trainer.total_steps} "
                      f"({ckpts.directory})")
     held_out = build_source(config, held_out=True) if config.data.kind == "synthetic" else None
-    eval_sets = load_eval_sets(config, held_out) if is_main else {}
+    # Every process embeds the evaluation images (the model spans all devices);
+    # only process 0 logs the results.
+    eval_sets = load_eval_sets(config, held_out)
     meta = dict(padded_classes=trainer.head.padded_classes,
                 num_classes=int(config.head.num_classes), model=config.model.name,
                 embedding_dim=int(config.model.embedding_dim))
@@ -394,6 +404,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 def main(argv):
     del argv
     from absl import flags
+    distributed.initialize_from_flags()  # before anything touches a device
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -406,6 +417,7 @@ def run():
     config_flags.DEFINE_config_file("config", None, "a configs/*.py recipe (file[:arg])",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard")
+    distributed.define_flags()  # --coordinator_address, --num_processes, --process_id, ...
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
 
