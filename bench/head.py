@@ -204,6 +204,8 @@ def main():
         rows.append(dict(base, classes=C, batch=128, rate=1.0, steps=steps))
         rows.append(dict(base, classes=C, batch=128, rate=0.1, steps=steps + 2))
     C = big[-1]
+    # Same Ns as the smaller class count at r = 0.1: temporaries must not grow with C.
+    rows.append(dict(base, classes=C, batch=128, rate=0.1 * big[0] / C, steps=4))
     rows.append(dict(base, classes=C, batch=128, rate=0.1, update="dense", steps=3))
     rows.append(dict(base, classes=C, batch=128, rate=0.1, sampler="topk", steps=4))
     rows.append(dict(base, classes=C, batch=512, rate=0.1, steps=3))
@@ -219,7 +221,7 @@ def main():
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{args.devices} emulated CPU devices; D={args.dim}")
-    hdr = (f"{'classes':>9} {'B':>4} {'r':>4} {'update':>6} {'sampler':>7} {'Ns/dev':>7} "
+    hdr = (f"{'classes':>9} {'B':>4} {'r':>5} {'update':>6} {'sampler':>7} {'Ns/dev':>7} "
            f"{'step s':>8} {'GF/s':>7} {'bare GF/s':>9} {'eff':>5} {'temp GiB':>8} "
            f"{'args GiB':>8} {'table GiB':>9} {'RSS pk GiB':>10}")
     print(hdr)
@@ -230,7 +232,7 @@ def main():
         if "error" in res:
             print(f"{cfg['classes']:>9} {cfg['batch']:>4} {cfg['rate']:>4} failed: {res['error']}")
             continue
-        print(f"{res['classes']:>9} {res['batch']:>4} {res['rate']:>4} {res['update']:>6} "
+        print(f"{res['classes']:>9} {res['batch']:>4} {res['rate']:>5.3g} {res['update']:>6} "
               f"{res['sampler']:>7} {res['ns']:>7} {res['step_s']:>8.3f} "
               f"{res['gflops_step']:>7.1f} {res['gflops_bare']:>9.1f} "
               f"{res['gflops_step'] / res['gflops_bare']:>5.2f} {res['temp_gib']:>8.3f} "
@@ -260,6 +262,11 @@ def main():
               "  (goal >= 4)")
         print(f"  C={C}: r=0.1 / r=1 temporary memory     "
               f"{part['temp_gib'] / full['temp_gib']:6.3f}   (goal <= 0.25)")
+    small = find(classes=big[0], batch=128, rate=0.1)
+    same_ns = find(classes=C, batch=128, rate=0.1 * big[0] / C)
+    if small and same_ns:
+        print(f"  same Ns, C={big[0]} -> C={C}: temporary memory "
+              f"{same_ns['temp_gib'] / small['temp_gib']:6.2f}x  (O(C) only in table + state)")
     dense = find(classes=C, batch=128, rate=0.1, update="dense")
     if dense and part:
         print(f"  C={C}: dense / lazy update step time    {dense['step_s'] / part['step_s']:6.2f}x")
