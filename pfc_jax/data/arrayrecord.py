@@ -228,7 +228,7 @@ def _find_files(path_or_glob: str) -> list[str]:
     raise FileNotFoundError(f"ArrayRecord file {p!r} not found (nor its sidecar {meta_path(p)})")
 
 
-class ArrayRecordDataset:
+class ArrayRecordDataset(sources.CorruptCounter):
     """Random-access source over ArrayRecord files written by :func:`convert_to_arrayrecord`.
 
     Args:
@@ -319,16 +319,6 @@ class ArrayRecordDataset:
             self._num_classes = int(labels.max()) + 1 if len(labels) else 0
         return self._num_classes
 
-    @property
-    def num_corrupt(self) -> int:
-        """Distinct corrupt records met so far in this process."""
-        return len(self._corrupt)
-
-    @property
-    def corrupt_indices(self) -> list[int]:
-        """Indices of the corrupt records met so far in this process."""
-        return sorted(self._corrupt)
-
     def record_name(self, index: int) -> str:
         """``"<file>: record r (record index i)"`` for messages."""
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
@@ -402,7 +392,7 @@ class ArrayRecordDataset:
 # ----------------------------------------------------------------------------- TFDS
 
 
-class TFDSDataset:
+class TFDSDataset(sources.CorruptCounter):
     """A ``tfds`` dataset (already prepared in ``data_dir``) as a pfc_jax source.
 
     Reads through ``builder.as_data_source`` (no TensorFlow needed). An
@@ -466,16 +456,6 @@ class TFDSDataset:
     def num_classes(self) -> int:
         """The label feature's number of classes (or the constructor's)."""
         return self._num_classes
-
-    @property
-    def num_corrupt(self) -> int:
-        """Distinct corrupt records met so far in this process."""
-        return len(self._corrupt)
-
-    @property
-    def corrupt_indices(self) -> list[int]:
-        """Indices of the corrupt records met so far in this process."""
-        return sorted(self._corrupt)
 
     def record_name(self, index: int) -> str:
         """``"tfds <name>/<split> record index i"`` for messages."""

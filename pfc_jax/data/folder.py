@@ -28,7 +28,7 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-class ImageFolderDataset:
+class ImageFolderDataset(sources.CorruptCounter):
     """Random-access source over an identity-per-folder tree (see the module docstring).
 
     Args:
@@ -80,16 +80,6 @@ class ImageFolderDataset:
     def num_classes(self) -> int:
         """Number of identity folders."""
         return len(self.class_names)
-
-    @property
-    def num_corrupt(self) -> int:
-        """Distinct corrupt records met so far in this process."""
-        return len(self._corrupt)
-
-    @property
-    def corrupt_indices(self) -> list[int]:
-        """Indices of the corrupt records met so far in this process."""
-        return sorted(self._corrupt)
 
     def labels(self) -> np.ndarray:
         """Every record's label (int64), from the folder structure alone."""

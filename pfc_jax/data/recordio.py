@@ -228,7 +228,7 @@ def _resolve(path: str | os.PathLike) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------- reader
 
 
-class RecordIODataset:
+class RecordIODataset(sources.CorruptCounter):
     """Random-access InsightFace RecordIO source (see the module docstring).
 
     Args:
@@ -314,16 +314,6 @@ class RecordIODataset:
     def num_identities(self) -> int:
         """Number of identity records (0 without a header)."""
         return self.end_record - self.first_identity_record
-
-    @property
-    def num_corrupt(self) -> int:
-        """Distinct corrupt records met so far in this process."""
-        return len(self._corrupt)
-
-    @property
-    def corrupt_indices(self) -> list[int]:
-        """Indices of the corrupt records met so far in this process."""
-        return sorted(self._corrupt)
 
     def key_of(self, index: int) -> int:
         """The RecordIO key of record ``index``."""

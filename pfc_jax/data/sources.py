@@ -130,6 +130,27 @@ def make_example(image: np.ndarray, label: int) -> Example:
     return {"image": image, "label": np.int32(label)}
 
 
+class CorruptCounter:
+    """Mixin of the sources: the corrupt records met so far in this process.
+
+    A source sets ``skip_corrupt`` and ``_corrupt = set()`` and reports
+    through :func:`handle_corrupt`.
+    """
+
+    skip_corrupt: bool
+    _corrupt: set[int]
+
+    @property
+    def num_corrupt(self) -> int:
+        """Distinct corrupt records met so far in this process."""
+        return len(self._corrupt)
+
+    @property
+    def corrupt_indices(self) -> list[int]:
+        """Indices of the corrupt records met so far in this process."""
+        return sorted(self._corrupt)
+
+
 def handle_corrupt(src: Any, index: int, error: CorruptRecordError) -> None:
     """Raises ``error`` unless ``src.skip_corrupt``; then records and logs it once.
 
