@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(PY) -m pfc_jax.demo
 
+# shellcheck lints launch/ in the tests; installed from Debian's packages when possible.
 test: $(STAMP)
+	@command -v shellcheck >/dev/null 2>&1 || apt-get install -y -qq shellcheck >/dev/null 2>&1 \
+	  || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1) \
+	  || echo "note: shellcheck could not be installed; its test will be skipped"
 	$(PY) -m pytest -q tests
 
 bench-head: $(STAMP)
