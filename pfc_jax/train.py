@@ -292,7 +292,7 @@ class TrainingDiverged(FloatingPointError):
     pass
 
 
-def _check(step: int, metrics: dict, last_saved: int | None) -> dict:
+def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int) -> dict:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
         kept = ("the last good checkpoint is step "
@@ -303,7 +303,7 @@ def _check(step: int, metrics: dict, last_saved: int | None) -> dict:
             "warm-up, or check the data.")
     if metrics["num_bad_labels"] > 0:
         raise ValueError(f"step {step}: {int(metrics['num_bad_labels'])} labels outside "
-                         f"[0, {metrics.get('num_classes', 'num_classes')}) reached the head")
+                         f"[0, {num_classes}) reached the head")
     return metrics
 
 
@@ -367,7 +367,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             return
         done, metrics = pending
         pending = None
-        last = _check(done, metrics, last_saved)
+        last = _check(done, metrics, last_saved, config.head.num_classes)
         if done % config.log_every_steps == 0 or done == 1 or done == trainer.total_steps:
             logger.write(done, last, prefix="train")
             logger.train_line(done, last, config.batch_size)
