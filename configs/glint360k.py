@@ -8,11 +8,8 @@ wd 5e-4, poly decay, 20 epochs, full softmax (set --config.head.sample_rate=0.1
 for Partial FC 0.1: the published accuracy is unchanged at a fraction of the
 head's cost).
 
-Mesh across hosts: one ``data`` axis over every device of every host (the
-batch is split over all of them, each host loading its own slice); the class
-table is split over the same devices (a recipe whose ``mesh`` names more
-axes can narrow it with ``head_axes``). Run the same command on every host
-(launch/).
+Mesh: one ``data`` axis over every device of every host, the class table
+split over all of them (see ``pfc_jax/config.py``); same command on each host.
 """
 
 from pfc_jax.config import sgd_recipe

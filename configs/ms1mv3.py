@@ -8,11 +8,8 @@ SGD lr 0.1 momentum 0.9 wd 5e-4 (mbf: wd 1e-4, 40 epochs), poly decay, 20
 epochs, full softmax (sample_rate 1.0); verification on lfw, cfp_fp, agedb_30
 (.bin files in data.path).
 
-Mesh across hosts: one ``data`` axis over every device of every host (the
-batch is split over all of them, each host loading its own slice); the class
-table is split over the same devices (a recipe whose ``mesh`` names more
-axes can narrow it with ``head_axes``). Run the same command on every host
-(launch/).
+Mesh: one ``data`` axis over every device of every host, the class table
+split over all of them (see ``pfc_jax/config.py``); same command on each host.
 """
 
 from pfc_jax.config import sgd_recipe

@@ -12,11 +12,8 @@
 - ViTs: AdamW lr 1e-3 wd 0.1, 40 epochs with 4 of warm-up, global batch
   3072 (384 x 8), sample rate 0.3, bf16 compute.
 
-Mesh across hosts: one ``data`` axis over every device of every host (the
-batch is split over all of them, each host loading its own slice); the class
-table is split over the same devices (a recipe whose ``mesh`` names more
-axes can narrow it with ``head_axes``). Run the same command on every host
-(launch/).
+Mesh: one ``data`` axis over every device of every host, the class table
+split over all of them (see ``pfc_jax/config.py``); same command on each host.
 """
 
 from pfc_jax.config import adamw_recipe, sgd_recipe

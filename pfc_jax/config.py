@@ -5,6 +5,12 @@ that starts from ``base_config()`` and sets the numbers that define it
 (classes, images, batch, optimizer, epochs, margins, sample rate, mesh).
 Every field can be overridden on the command line:
 ``--config.head.sample_rate=0.2``.
+
+Mesh across hosts: by default one ``data`` axis spans every device of every
+host. The batch is split over all of them (each host loads only its own
+slice) and so is the class table; a recipe whose ``mesh`` names more axes can
+keep the table on some of them with ``head_axes`` (replicated over the rest).
+The same command runs on every host (``launch/``).
 """
 
 from __future__ import annotations
