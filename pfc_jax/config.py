@@ -158,3 +158,28 @@ def adamw_recipe(backbone: str, *, num_classes: int, num_images: int, sample_rat
                        grad_clip=5.0)
     c.eval.bins = ()
     return c
+
+
+def load_recipe(path: str, arg: str | None = None,
+                overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of a recipe file, with ``{"a.b": value}`` overrides applied.
+
+    The programmatic twin of ``--config path[:arg] --config.a.b=value``.
+    """
+    import importlib.util
+    import os
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"pfc_recipe_{name}", path)
+    if spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg) if arg is not None else module.get_config()
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c

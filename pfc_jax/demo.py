@@ -42,17 +42,12 @@ def main(argv=None):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
 
-    import importlib.util
-
     from pfc_jax import train
+    from pfc_jax.config import load_recipe
     from pfc_jax.evaluate import verification
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(
-        "tiny_cpu", os.path.join(here, "configs", "tiny_cpu.py"))
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
-    config = recipe.get_config()
+    config = load_recipe(os.path.join(here, "configs", "tiny_cpu.py"))
     if args.steps:
         config.max_steps = args.steps
     workdir = args.workdir or tempfile.mkdtemp(prefix="pfc_jax_demo_")

@@ -16,6 +16,7 @@ import jax
 import pytest
 
 from pfc_jax import aot
+from pfc_jax.config import load_recipe
 
 # conftest turns the persistent compilation cache on; JAX writes a TPU
 # compile-only executable to it but cannot read one back (it warns and
@@ -29,18 +30,7 @@ GIB = 2**30
 
 def tiny(**overrides):
     """configs/tiny_cpu.py:test (K = 1, D = 128, SGD with momentum), with overrides."""
-    spec = importlib.util.spec_from_file_location(
-        "tiny_cpu", os.path.join(ROOT, "configs", "tiny_cpu.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("test")
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return load_recipe(os.path.join(ROOT, "configs", "tiny_cpu.py"), "test", overrides)
 
 
 def hand_table_bytes(padded_rows, k, d, shards, row_leaves):

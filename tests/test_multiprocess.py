@@ -12,7 +12,6 @@ with ``pfc_jax/distributed.py``), the processes run ``_HARNESS``: the real
 in, the launcher runs ``python -m pfc_jax.train`` itself.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import pytest
 
 from pfc_jax import checkpoint as ckpt_lib
 from pfc_jax import distributed, logs, train
+from pfc_jax.config import load_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch", "local_cluster.sh")
@@ -123,18 +123,7 @@ def _flags(overrides: dict) -> list[str]:
 
 
 def _config(overrides: dict):
-    spec = importlib.util.spec_from_file_location(
-        "tiny_cpu", os.path.join(REPO, "configs", "tiny_cpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("test")
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return load_recipe(os.path.join(REPO, "configs", "tiny_cpu.py"), "test", overrides)
 
 
 def _child_env(**extra) -> dict:

@@ -9,23 +9,12 @@ import pytest
 
 from pfc_jax import checkpoint as ckpt_lib
 from pfc_jax import train
-from pfc_jax.config import total_steps
+from pfc_jax.config import load_recipe, total_steps
 
 
 def _config(**overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "tiny_cpu", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_cpu.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("test")
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_cpu.py")
+    return load_recipe(path, "test", overrides)
 
 
 def _losses(workdir):
