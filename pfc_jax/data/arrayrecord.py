@@ -354,10 +354,7 @@ class ArrayRecordDataset(sources.CorruptCounter):
         where = self.record_name(i)
         try:
             label, data = unpack_record(record, where)
-            try:
-                image = sources.decode_image(data)
-            except ValueError as e:
-                raise CorruptRecordError(f"{where}: {e}") from e
+            image = sources.decode_record_image(data, where)
         except CorruptRecordError as e:
             sources.handle_corrupt(self, i, e)
             return None
@@ -474,10 +471,7 @@ class TFDSDataset(sources.CorruptCounter):
             label = self._label(i, example)
             value = example[self.image_key]
             if isinstance(value, (bytes, np.bytes_)):
-                try:
-                    image = sources.decode_image(bytes(value))
-                except ValueError as e:
-                    raise CorruptRecordError(f"{where}: {e}") from e
+                image = sources.decode_record_image(bytes(value), where)
             else:
                 image = np.asarray(value)
                 if image.ndim == 3 and image.shape[2] == 1:

@@ -107,10 +107,7 @@ class ImageFolderDataset(sources.CorruptCounter):
         i = sources.check_index(index, len(self), repr(self))
         try:
             data, label = self.read_raw(i)
-            try:
-                image = sources.decode_image(data)
-            except ValueError as e:
-                raise CorruptRecordError(f"{self.record_name(i)}: {e}") from e
+            image = sources.decode_record_image(data, self.record_name(i))
         except CorruptRecordError as e:
             sources.handle_corrupt(self, i, e)
             return None

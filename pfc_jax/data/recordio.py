@@ -330,10 +330,7 @@ class RecordIODataset(sources.CorruptCounter):
         try:
             head, image_bytes = unpack_payload(self._read_payload_at(i, where), where)
             label = sources.label_from_float(head.labels[0], where)
-            try:
-                image = sources.decode_image(image_bytes)
-            except ValueError as e:
-                raise CorruptRecordError(f"{where}: {e}") from e
+            image = sources.decode_record_image(image_bytes, where)
         except CorruptRecordError as e:
             sources.handle_corrupt(self, i, e)
             return None

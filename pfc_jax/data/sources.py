@@ -82,6 +82,14 @@ def decode_image(data: bytes) -> np.ndarray:
     return arr
 
 
+def decode_record_image(data: bytes, where: str) -> np.ndarray:
+    """:func:`decode_image`, a failure raised as CorruptRecordError naming ``where``."""
+    try:
+        return decode_image(data)
+    except ValueError as e:
+        raise CorruptRecordError(f"{where}: {e}") from e
+
+
 def encode_image(image: np.ndarray, image_format: str = "jpeg", quality: int = 95) -> bytes:
     """Encodes uint8 ``[H, W, 3]`` (or ``[H, W]``) as ``"jpeg"`` or ``"png"`` bytes."""
     arr = np.asarray(image)
