@@ -6,13 +6,17 @@
 
 Identity folders sorted by name get labels ``0 .. N-1``; inside each, the
 image files (``.jpg .jpeg .png .bmp``, any case; hidden files ignored; no
-recursion) are sorted by name. The order is deterministic: records are
+recursion) are sorted by name. Every non-directory entry with an image name
+is a record, so a dangling symlink or a FIFO named ``x.jpg`` is a corrupt
+record (named when read) rather than silently missing; only regular files
+are read (a FIFO is never opened for blocking reads). The order is deterministic: records are
 grouped by label, in that order. Images are returned as decoded, not resized.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +30,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """``entry.is_dir()``, False where it cannot tell (a symlink loop raises ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 class ImageFolderDataset(sources.CorruptCounter):
@@ -49,7 +61,7 @@ class ImageFolderDataset(sources.CorruptCounter):
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"image folder root {self.root!r} is not a directory")
         with os.scandir(self.root) as it:
-            names = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+            names = sorted(e.name for e in it if _is_dir(e) and not e.name.startswith("."))
         if not names:
             raise ValueError(
                 f"image folder root {self.root!r} has no identity sub-folders "
@@ -60,7 +72,7 @@ class ImageFolderDataset(sources.CorruptCounter):
         for label, name in enumerate(names):
             folder = os.path.join(self.root, name)
             with os.scandir(folder) as it:
-                images = sorted(e.name for e in it if e.is_file() and _is_image(e.name))
+                images = sorted(e.name for e in it if _is_image(e.name) and not _is_dir(e))
             if not images:
                 raise ValueError(
                     f"identity folder {folder!r} (label {label}) has no image files "
@@ -97,7 +109,14 @@ class ImageFolderDataset(sources.CorruptCounter):
         """``(file bytes, label)`` of record ``index`` without decoding."""
         i = sources.check_index(index, len(self), repr(self))
         try:
-            with open(self.path_of(i), "rb") as f:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(self.path_of(i), os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
+                    raise CorruptRecordError(
+                        f"{self.record_name(i)}: not a regular file "
+                        f"(mode {stat.filemode(mode)})")
                 data = f.read()
         except OSError as e:
             raise CorruptRecordError(f"{self.record_name(i)}: cannot read: {e}") from e

@@ -47,7 +47,8 @@ MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 LENGTH_BITS = 29
 LENGTH_MASK = (1 << LENGTH_BITS) - 1
-MAX_EXACT_LABEL = 1 << 24  # float32 holds every integer up to this
+MAX_EXACT_LABEL = sources.MAX_EXACT_LABEL  # float32 holds every integer up to this
+_MAX_INT64 = (1 << 63) - 1
 
 _FRAME = struct.Struct("<II")  # magic, lrec
 _HEADER = struct.Struct("<IfQQ")  # flag, label, id, id2
@@ -140,8 +141,9 @@ def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
     """Parses a ``.idx`` file into ``(keys, offsets)`` int64 arrays in file order.
 
     Raises:
-      ValueError: a malformed line (named by line number), a duplicate key,
-        a negative key or offset.
+      ValueError: a malformed line (named by line number), a key or offset
+        that does not fit in 64 bits, a duplicate key, two keys with the
+        same offset, a negative key or offset.
     """
     with open(idx_path, "rb") as f:
         text = f.read()
@@ -152,7 +154,7 @@ def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             pairs = np.array(tokens, dtype=np.bytes_).reshape(-1, 2).astype(np.int64)
             keys, offsets = pairs[:, 0].copy(), pairs[:, 1].copy()
-        except ValueError:
+        except (ValueError, OverflowError):  # the slow parse names the line
             pass
     if keys is None:
         keys, offsets = _read_index_slowly(idx_path, text)
@@ -169,6 +171,12 @@ def read_index(idx_path: str) -> tuple[np.ndarray, np.ndarray]:
         j = int(order[dup[0] + 1])
         raise ValueError(f"{idx_path}: key {int(keys[j])} appears more than once "
                          f"(second time at entry {j})")
+    order = np.argsort(offsets, kind="stable")
+    dup = np.flatnonzero(np.diff(offsets[order]) == 0)
+    if dup.size:  # two keys cannot start at the same byte: one offset is wrong
+        j, k = int(order[dup[0]]), int(order[dup[0] + 1])
+        raise ValueError(f"{idx_path}: keys {int(keys[j])} (entry {j}) and {int(keys[k])} "
+                         f"(entry {k}) have the same offset {int(offsets[k])}")
     return keys, offsets
 
 
@@ -182,28 +190,38 @@ def _read_index_slowly(idx_path: str, text: bytes) -> tuple[np.ndarray, np.ndarr
         try:
             if len(parts) != 2:
                 raise ValueError
-            keys.append(int(parts[0]))
-            offsets.append(int(parts[1]))
+            key, offset = int(parts[0]), int(parts[1])
         except ValueError:
             raise ValueError(
                 f"{idx_path}: line {lineno} is {line[:80]!r}, expected 'key<TAB>offset'"
             ) from None
+        if not (-_MAX_INT64 <= key <= _MAX_INT64 and -_MAX_INT64 <= offset <= _MAX_INT64):
+            raise ValueError(f"{idx_path}: line {lineno} is {line[:80]!r}: key or offset "
+                             "does not fit in 64 bits")
+        keys.append(key)
+        offsets.append(offset)
     return np.array(keys, np.int64), np.array(offsets, np.int64)
 
 
 def read_property(path: str) -> tuple[int, int, int]:
-    """``(num_classes, height, width)`` from a ``property`` file."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
+    """``(num_classes, height, width)`` from a ``property`` file.
+
+    Raises:
+      ValueError: not three integers, ``num_classes`` outside
+        ``[1, MAX_EXACT_LABEL + 1]`` or a size below 1 (the file and its text named).
+    """
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="backslashreplace").strip()
     fields = [x.strip() for x in text.split(",")]
     try:
         values = [int(x) for x in fields]
-        if len(values) != 3 or values[0] < 1:
+        if (len(values) != 3 or not 1 <= values[0] <= MAX_EXACT_LABEL + 1
+                or min(values[1:]) < 1):
             raise ValueError
     except ValueError:
         raise ValueError(
-            f"{path}: expected 'num_classes,height,width' with num_classes >= 1, "
-            f"got {text[:80]!r}") from None
+            f"{path}: expected 'num_classes,height,width' with 1 <= num_classes <= "
+            f"{MAX_EXACT_LABEL + 1} and a size of at least 1x1, got {text[:80]!r}") from None
     return values[0], values[1], values[2]
 
 
@@ -265,12 +283,15 @@ class RecordIODataset(sources.CorruptCounter):
             head, _ = unpack_payload(self._read_payload(zero, where), where)
             if head.flag > 0:
                 self.has_header = True
-                first = sources.label_from_float(head.labels[0], where)
-                end = sources.label_from_float(head.labels[1], where) if head.flag > 1 else first
-                if first < 1 or end < first:
+                first = sources.label_from_float(head.labels[0], where, limit=None)
+                end = (sources.label_from_float(head.labels[1], where, limit=None)
+                       if head.flag > 1 else first)
+                max_key = int(keys.max())
+                if first < 1 or end < first or end > max_key + 1:
                     raise CorruptRecordError(
                         f"{where}: header labels [first_identity_record={first}, end={end}] "
-                        "are inconsistent (need 1 <= first_identity_record <= end)")
+                        "are inconsistent (need 1 <= first_identity_record <= end <= "
+                        f"{max_key + 1}, one past the largest key in {self.idx_path})")
                 self.first_identity_record, self.end_record = first, end
         if self.has_header:
             self._keys = np.arange(1, self.first_identity_record, dtype=np.int64)
@@ -385,8 +406,8 @@ class RecordIODataset(sources.CorruptCounter):
             if head.flag < 2:
                 raise CorruptRecordError(f"{where}: expected 2 labels [start, end), "
                                          f"found flag {head.flag}")
-            start = sources.label_from_float(head.labels[0], where)
-            end = sources.label_from_float(head.labels[1], where)
+            start = sources.label_from_float(head.labels[0], where, limit=None)
+            end = sources.label_from_float(head.labels[1], where, limit=None)
             if not start <= end <= self.first_identity_record:
                 raise CorruptRecordError(
                     f"{where}: range [{start}, {end}) is not inside the image keys "
@@ -488,7 +509,12 @@ class RecordIODataset(sources.CorruptCounter):
         pos = offset
         first = True
         while True:
-            head = self._pread(_FRAME.size, pos)
+            if first and pos >= self._file_size:
+                raise CorruptRecordError(
+                    f"{where}: offset {pos} is past the end of the file ({self._file_size} "
+                    "bytes): wrong offset in the index, or the file truncated")
+            # checked before reading: pread fails (EINVAL) at offsets near 2**63
+            head = self._pread(_FRAME.size, pos) if pos + _FRAME.size <= self._file_size else b""
             if len(head) < _FRAME.size:
                 raise CorruptRecordError(
                     f"{where}: the file ends at byte {self._file_size}, inside the "

@@ -25,7 +25,7 @@ returns ``None`` in its place; the pipeline drops the ``None``. In grain worker
 processes the counter lives in the worker's copy of the source.
 
 A record whose label cannot be read (a broken frame, a negative or fractional
-label) is corrupt too. With ``skip_corrupt=True``, ``labels()`` gives such a
+label, one above 2**24) is corrupt too. With ``skip_corrupt=True``, ``labels()`` gives such a
 record the label :data:`UNREADABLE_LABEL` (-1) and :func:`check_labels` leaves
 it out, since the record itself will be dropped when read. No readable record
 ever has a negative label, so -1 is unambiguous.
@@ -121,15 +121,23 @@ def image_format_of(data: bytes) -> str | None:
     return None
 
 
-def label_from_float(value: float, where: str) -> int:
+MAX_EXACT_LABEL = 1 << 24
+"""The largest label float32 stores exactly (every integer up to it is exact)."""
+
+
+def label_from_float(value: float, where: str, limit: int | None = MAX_EXACT_LABEL) -> int:
     """An integer class label from a stored float; CorruptRecordError if not one.
 
     Labels are stored as float32 by the RecordIO format, which is exact up to
-    2**24 (16,777,216) classes.
+    2**24 (16,777,216) classes: a larger value is no label that was written
+    (a damaged record). ``limit=None`` drops that bound (for record keys).
     """
     v = float(value)
     if not np.isfinite(v) or v != int(v) or v < 0:
         raise CorruptRecordError(f"{where}: label {v!r} is not a non-negative integer")
+    if limit is not None and v > limit:
+        raise CorruptRecordError(f"{where}: label {v!r} exceeds {limit}, the largest "
+                                 "label float32 stores exactly")
     return int(v)
 
 

@@ -134,7 +134,8 @@ def load_bin(path: str | os.PathLike, image_size: int | Sequence[int] = 112,
       name: set name; defaults to the file name without extension.
 
     Raises:
-      ValueError: the file is not a ``(bins, issame)`` pickle, the number of
+      ValueError: the file is not a ``(bins, issame)`` pickle of a list of
+        images and a 1-D list of booleans, it holds no pairs, the number of
         images is not twice the number of pairs, or an image does not decode
         (the message names the file and the image index).
     """
@@ -149,13 +150,21 @@ def load_bin(path: str | os.PathLike, image_size: int | Sequence[int] = 112,
         raise ValueError(f"{path}: expected a pickled (bins, issame) pair, got {type(obj).__name__}"
                          + (f" of length {len(obj)}" if hasattr(obj, "__len__") else ""))
     bins, issame_list = obj
-    issame = np.asarray(issame_list)
+    if not isinstance(bins, (list, tuple, np.ndarray)):
+        raise ValueError(f"{path}: images must be a list of encoded images, "
+                         f"got {type(bins).__name__}")
+    try:
+        issame = np.asarray(issame_list)
+    except ValueError as err:  # ragged nesting
+        raise ValueError(f"{path}: issame is not a flat list of booleans ({err})") from err
     if issame.ndim != 1:
         raise ValueError(f"{path}: issame must be 1-D, got shape {issame.shape}")
     if len(bins) != 2 * issame.shape[0]:
         raise ValueError(
             f"{path}: {len(bins)} images but {issame.shape[0]} issame labels; "
             f"expected 2 images per pair ({2 * issame.shape[0]} images)")
+    if issame.shape[0] == 0:
+        raise ValueError(f"{path}: no pairs")
     if issame.dtype != np.bool_:
         if not np.isin(issame, (0, 1)).all():
             raise ValueError(f"{path}: issame must hold booleans (or 0/1)")
