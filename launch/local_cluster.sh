@@ -17,7 +17,14 @@
 # Output lines are prefixed with "[i] ". The script waits for every process;
 # when one fails it stops the others (TERM, then KILL after 10 s) and exits
 # with the failed process's status (75: a peer never joined, see
-# pfc_jax/distributed.py). Ctrl-C stops them all.
+# pfc_jax/distributed.py).
+#
+# Preemption: a TERM or INT (Ctrl-C) to this script is passed on as TERM to
+# every process; the trainers agree on one step, all write its checkpoint and
+# exit with 143 (pfc_jax/preemption.py), and so does this script. They get
+# PFC_STOP_GRACE_S seconds for it before they are killed. A process that exits
+# with 143 or 130 (a signal sent to it alone) is not a failure to stop the
+# others for: they are writing the same checkpoint, and are waited for.
 #
 # Environment:
 #   PYTHON            interpreter (default: .venv/bin/python of this repo if present, else python3)
@@ -25,6 +32,7 @@
 #   PFC_PORT          coordinator port (default: a free one)
 #   PFC_LOG_DIR       also write each process's output to PFC_LOG_DIR/process_i.log
 #   PFC_INIT_TIMEOUT_S  seconds the processes wait for each other (default 300)
+#   PFC_STOP_GRACE_S  seconds to checkpoint after a TERM or INT before KILL (default 120)
 set -euo pipefail
 
 usage() {
@@ -72,6 +80,9 @@ done
 if [[ -n "${PFC_LOG_DIR:-}" ]]; then mkdir -p "$PFC_LOG_DIR"; fi
 
 prefix() {  # prefix ID: copy stdin to stdout (and the log file) line by line, "[ID] " in front
+  # In the process's group, so it receives the group's TERM too: it must
+  # outlive the process and copy what it prints while it checkpoints.
+  trap '' INT TERM
   local line
   while IFS= read -r line || [[ -n "$line" ]]; do
     printf '[%s] %s\n' "$1" "$line"
@@ -82,20 +93,41 @@ prefix() {  # prefix ID: copy stdin to stdout (and the log file) line by line, "
 # Job control: each process starts in a process group of its own, so stopping
 # it (kill -- -PID) also stops whatever it started.
 set -m
+grace="${PFC_STOP_GRACE_S:-120}"
+[[ "$grace" =~ ^[0-9]+$ ]] || { echo "$0: PFC_STOP_GRACE_S must be a whole number of seconds, got '$grace'" >&2; exit 2; }
 pids=()
-stop_all() {  # stop_all: TERM every process still running, KILL what is left after 10 s
+wait_all() {  # wait_all SECONDS: until every process has ended, KILL what is left after SECONDS
   local pid waited=0
-  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  while (( waited < 100 )); do
+  while (( waited < $1 * 10 )); do
     local alive=0
     for pid in "${pids[@]}"; do if kill -0 "$pid" 2>/dev/null; then alive=1; fi; done
     (( alive )) || return 0
     sleep 0.1
     waited=$(( waited + 1 ))
   done
+  echo "[launch] processes still running after $1 s; killing them" >&2
   for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
 }
-trap 'echo "[launch] interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
+stop_all() {  # stop_all SECONDS: TERM every process still running, then wait_all SECONDS
+  local pid
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  wait_all "$1"
+}
+# shellcheck disable=SC2317  # called from the traps below
+preempted() {  # after a TERM or INT: every trainer checkpoints one step and exits 143
+  trap '' INT TERM
+  echo "[launch] $1: passing TERM to every process (checkpoint, then exit; ${grace} s)" >&2
+  stop_all "$grace"
+  local rc first=0 i
+  for (( i = 0; i < num; i++ )); do
+    if [[ -n "${done_flags[$i]:-}" ]]; then rc="${rcs[$i]}"; else rc=0; wait "${pids[$i]}" 2>/dev/null || rc=$?; fi
+    if (( rc != 0 && first == 0 )); then first=$rc; fi
+  done
+  wait 2>/dev/null || true  # the output prefixers
+  exit $(( first == 0 ? 143 : first ))
+}
+trap 'preempted TERM' TERM
+trap 'preempted INT' INT
 
 echo "[launch] $num processes x $per_process CPU devices, coordinator 127.0.0.1:$port: ${cmd[*]}" >&2
 for (( i = 0; i < num; i++ )); do
@@ -110,7 +142,7 @@ set +m  # the groups stay; this only stops bash's "Terminated" job notices
 # Poll instead of `wait -n`, which needs bash >= 4.3 (macOS ships 3.2).
 status=0
 running=$num
-declare -a done_flags
+declare -a done_flags rcs
 while (( running > 0 )); do
   for (( i = 0; i < num; i++ )); do
     [[ -z "${done_flags[$i]:-}" ]] || continue
@@ -118,11 +150,18 @@ while (( running > 0 )); do
     rc=0
     wait "${pids[$i]}" || rc=$?
     done_flags[i]=1
+    rcs[i]=$rc
     running=$(( running - 1 ))
+    if (( rc == 143 || rc == 130 )); then
+      # Preempted: the others reach the same checkpoint; wait, do not stop them.
+      echo "[launch] process $i stopped after a preemption checkpoint (status $rc)" >&2
+      (( status != 0 )) || status=$rc
+      continue
+    fi
     if (( rc != 0 )); then
       echo "[launch] process $i exited with status $rc; stopping the others" >&2
       status=$rc
-      stop_all
+      stop_all 10
       for (( j = 0; j < num; j++ )); do wait "${pids[$j]}" 2>/dev/null || true; done
       running=0
       break

@@ -15,6 +15,15 @@
 #    JAX finds the pod's layout itself (worker number and peers from the TPU
 #    metadata), so no process ids are passed.
 #
+# Preemption: a Spot or preemptible slice, and a maintenance event, stop the
+# workers with SIGTERM (JAX's preemption notifier also watches the TPU
+# maintenance notices). Every worker then checkpoints the same step and exits
+# with status 143 (pfc_jax/preemption.py); rerun this script with
+# --skip-install and it resumes there. The trainer is exec'ed so the signal
+# reaches it, not a wrapping shell. Spot VMs give about 30 s: keep
+# checkpoint.every_steps such that losing that many steps is acceptable when a
+# write does not fit.
+#
 # The workdir must be a gs:// path: every worker writes its shards of each
 # checkpoint there, and rerunning this script resumes from the newest one.
 # Data must be readable from every worker (gs://, or copied to each).
@@ -106,9 +115,9 @@ fi
 # 3. The same command on every worker.
 # ${extra[@]+...}: an empty array under `set -u` on the bash 3.2 of macOS.
 train=(python3 -m pfc_jax.train --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})
-remote="cd ~/pfc_jax && $(printf '%q ' "${train[@]}")"
+remote="cd ~/pfc_jax && exec $(printf '%q ' "${train[@]}")"
 if (( detach )); then
-  remote="cd ~/pfc_jax && nohup $(printf '%q ' "${train[@]}") > ~/pfc_train.log 2>&1 < /dev/null &"
+  remote="cd ~/pfc_jax && (exec nohup $(printf '%q ' "${train[@]}") > ~/pfc_train.log 2>&1 < /dev/null &)"
 fi
 echo "tpu_pod.sh: on every worker of $name: $remote" >&2
 on_all "$remote"

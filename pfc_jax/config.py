@@ -73,7 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=2000,
         bins=(),               # names under data.path (lfw -> lfw.bin) or full paths
-        batch_size=64,
+        # images per embedding call, split over every device; None: the smallest
+        # multiple of the device count >= 64
+        batch_size=ml_collections.FieldReference(None, field_type=int),
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2000, keep=3, async_save=True))
     c.log_every_steps = 50
@@ -90,6 +92,13 @@ def total_steps(c) -> int:
 
 def steps_per_epoch(c) -> float:
     return (c.data.num_images or c.batch_size * total_steps(c)) / c.batch_size
+
+
+def eval_batch_size(batch_size: int | None, num_devices: int) -> int:
+    """``eval.batch_size``, or when unset the smallest multiple of the devices >= 64."""
+    if batch_size is not None:
+        return int(batch_size)
+    return num_devices * max(1, -(-64 // num_devices))
 
 
 def validate(c, num_devices: int) -> None:
@@ -116,6 +125,11 @@ def validate(c, num_devices: int) -> None:
          f"unknown schedule {c.optimizer.schedule!r}")
     kinds = ("recordio", "folder", "arrayrecord", "tfds", "synthetic")
     need(c.data.kind in kinds, f"data.kind {c.data.kind!r} is not one of {kinds}")
+    b = c.eval.batch_size
+    need(b is None or (b >= 1 and b % num_devices == 0),
+         f"eval.batch_size {b} is not divisible by the {num_devices} devices that embed each "
+         f"evaluation batch (try --config.eval.batch_size={eval_batch_size(None, num_devices)}, "
+         "or leave it unset)")
     need(c.data.kind == "synthetic" or c.data.path,
          f"data.path is required for data.kind={c.data.kind!r} "
          "(pass --config.data.path=/path/to/dataset)")

@@ -126,20 +126,20 @@ def _detect_cluster(coordinator_address, num_processes, process_id, local_device
     The same function ``jax.distributed.initialize()`` calls, called here so
     the layout is known (and printed in errors) before connecting.
     """
-    try:
+    try:  # no public API says what the detectors found before connecting
         from jax._src import clusters
         detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
         present = next((c.name for c in clusters.ClusterEnv._cluster_types
                         if c.name in AUTO_DETECTED and c.is_env_present()), None)
-    except (ImportError, AttributeError) as e:  # a JAX whose internals moved
+        if present is None:
+            return coordinator_address, num_processes, process_id, local_device_ids, None
+        c, n, p, ids = detect(coordinator_address, num_processes, process_id,
+                              None if local_device_ids is None else list(local_device_ids),
+                              present, int(math.ceil(timeout_s)))
+    except (ImportError, AttributeError, TypeError) as e:  # a JAX whose internals moved
         raise DistributedInitError(
             f"cannot reach JAX's cluster detection in jax {jax.__version__} ({e}); set "
             f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} instead") from e
-    if present is None:
-        return coordinator_address, num_processes, process_id, local_device_ids, None
-    c, n, p, ids = detect(coordinator_address, num_processes, process_id,
-                          None if local_device_ids is None else list(local_device_ids),
-                          present, int(math.ceil(timeout_s)))
     return c, n, p, (None if ids is None else tuple(int(i) for i in ids)), present
 
 
@@ -292,6 +292,11 @@ def _connect(layout: Layout, timeout_s: float) -> None:
             cluster_detection_method="deactivate",  # resolved above, with the same detectors
             initialization_timeout=int(math.ceil(timeout_s)) + _JAX_GRACE_S)
     except Exception as e:
+        if "must be called before any JAX calls" in str(e):  # JAX's own check, a RuntimeError
+            raise DistributedInitError(
+                f"distributed.initialize must run before anything touches a device "
+                f"(jax.devices(), an array, a jit call), but the JAX backend is already up; "
+                f"cannot join as {layout.describe()}") from e
         hint = ""
         if "Failed to start RPC server" in str(e):
             port = layout.coordinator_address.rpartition(":")[2]
@@ -333,12 +338,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                      timeout_s=timeout_s)
     if layout is None:
         return
-    from jax._src import xla_bridge
-    if xla_bridge.backends_are_initialized():
-        raise DistributedInitError(
-            f"distributed.initialize must run before anything touches a device "
-            f"(jax.devices(), an array, a jit call), but the JAX backend is already up; "
-            f"cannot join as {layout.describe()}")
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
         # Cross-process collectives on CPU (ignored by GPU and TPU backends).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

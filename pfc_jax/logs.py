@@ -14,9 +14,49 @@ import sys
 import time
 
 
+SUPERSEDED = "metrics.superseded.jsonl"
+
+
+def truncate_after(path: str, step: int | None) -> int:
+    """Keeps the records of ``path`` up to ``step`` (None: none); returns how many moved.
+
+    A run that crashed or was preempted logged steps past its newest
+    checkpoint; the resumed run logs them again. So that ``metrics.jsonl``
+    reads as one uninterrupted run, the records after the checkpoint it
+    resumes from (and a last line cut short by a crash) move to
+    ``metrics.superseded.jsonl`` beside it (appended: nothing is lost), and
+    ``metrics.jsonl`` is replaced atomically.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep, moved = [], []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            ok = line.endswith(b"\n") and step is not None and int(rec["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        (keep if ok else moved).append(line if line.endswith(b"\n") else line + b"\n")
+    if not moved:
+        return 0
+    with open(os.path.join(os.path.dirname(path), SUPERSEDED), "ab") as f:
+        f.writelines(moved)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(moved)
+
+
 class MetricLogger:
+    """``metrics.jsonl`` (and TensorBoard) of a run; ``resume_step``: see :func:`truncate_after`."""
+
     def __init__(self, workdir: str, total_steps: int, *, enabled: bool = True,
-                 stream=None):
+                 stream=None, resume_step: int | None = None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
@@ -27,6 +67,10 @@ class MetricLogger:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        moved = truncate_after(os.path.join(workdir, "metrics.jsonl"), resume_step)
+        if moved:
+            self.print(f"metrics.jsonl: {moved} records after step {resume_step or 0} (the "
+                       f"newest checkpoint) moved to {SUPERSEDED}")
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         try:
             from clu import metric_writers  # imports TensorFlow

@@ -15,13 +15,17 @@ One loop, ``train_and_evaluate(config, workdir)``:
    step)``, so a resumed run draws what the uninterrupted run would have;
 4. logging, verification every ``eval.every_steps``, checkpoints every
    ``checkpoint.every_steps``; a non-finite loss stops the run naming the
-   step, before anything after the last good checkpoint is saved.
+   step, before anything after the last good checkpoint is saved;
+5. SIGTERM or SIGINT (``pfc_jax.preemption``): every process checkpoints the
+   same finished step, waits for the write to commit and exits with status
+   128 + signal; the rerun resumes from it exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -40,6 +44,7 @@ from pfc_jax import logs
 from pfc_jax import mesh as mesh_lib
 from pfc_jax import models
 from pfc_jax import partial_fc as pf
+from pfc_jax import preemption
 
 IMAGE_SHAPE = (112, 112, 3)
 
@@ -278,7 +283,7 @@ def evaluate(trainer: Trainer, state, sets: dict, logger, step: int) -> dict:
     from pfc_jax.evaluate import verification
     if not sets:
         return {}
-    batch = trainer.config.eval.batch_size
+    batch = config_lib.eval_batch_size(trainer.config.eval.batch_size, trainer.mesh.size)
     results = verification.verify(trainer.embed_fn(state), sets, batch)
     for name, res in results.items():
         logger.write(step, {"accuracy": res.accuracy_mean, "accuracy_std": res.accuracy_std,
@@ -333,7 +338,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     start = ckpts.latest_step()
     padded = ckpts.meta(start)["padded_classes"] if start is not None else None
     trainer = Trainer(config, mesh, padded_classes=padded)
-    logger = logs.MetricLogger(workdir, trainer.total_steps, enabled=is_main)
+    logger = logs.MetricLogger(workdir, trainer.total_steps, enabled=is_main, resume_step=start)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -375,27 +380,47 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     t0 = time.time()
     end = trainer.total_steps if stop_after is None else min(trainer.total_steps,
                                                              step + stop_after)
-    while step < end:
-        host = next(data_iter)
-        batch = mesh_lib.host_local_to_global(
-            {k: host[k] for k in ("image", "label", "valid")}, mesh)
-        state, metrics = trainer.train_step(state, batch)
-        step += 1
-        flush()  # the previous step's metrics: reading them does not stall the device
-        pending = (step, metrics)
-        save_now = step % config.checkpoint.every_steps == 0 or step == end
-        eval_now = config.eval.every_steps and (
-            step % config.eval.every_steps == 0 or step == trainer.total_steps)
-        if save_now or eval_now:
-            flush()  # never save or evaluate a state that diverged
-            if eval_now:
-                last.update({f"eval/{name}": r.accuracy_mean for name, r in
-                             evaluate(trainer, state, eval_sets, logger, step).items()})
-            if save_now:
-                ckpts.save(step, state, data_iter, meta)
-                last_saved = step
-    flush()
-    ckpts.close()
+    stopped = False
+    try:
+        with preemption.Watch() as watch:
+            while step < end:
+                host = next(data_iter)
+                batch = mesh_lib.host_local_to_global(
+                    {k: host[k] for k in ("image", "label", "valid")}, mesh)
+                state, metrics = trainer.train_step(state, batch)
+                step += 1
+                flush()  # the previous step's metrics: reading them does not stall the device
+                pending = (step, metrics)
+                stopped = watch.should_stop(step)  # the same answer on every process
+                save_now = stopped or step % config.checkpoint.every_steps == 0 or step == end
+                eval_now = not stopped and config.eval.every_steps and (
+                    step % config.eval.every_steps == 0 or step == trainer.total_steps)
+                if save_now or eval_now:
+                    flush()  # never save or evaluate a state that diverged
+                    if eval_now:
+                        last.update({f"eval/{name}": r.accuracy_mean for name, r in
+                                     evaluate(trainer, state, eval_sets, logger, step).items()})
+                    if save_now:
+                        ckpts.save(step, state, data_iter, meta)
+                        last_saved = step
+                if stopped:
+                    break
+            flush()
+    finally:
+        # Also on an error (divergence, bad data): the asynchronous write of the
+        # last good checkpoint must commit before the process ends.
+        ckpts.close()
+    if stopped:
+        if jax.process_count() > 1:
+            # Process 0 renames the checkpoint into place after the others wrote
+            # their shards: no process may exit (and have its launcher stop the
+            # rest) before that commit.
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("pfc_jax preemption checkpoint committed")
+        err = preemption.Preempted(step, watch.signum, time.monotonic() - watch.received_at)
+        logger.print(f"step {step}: {err}")
+        logger.close()
+        raise err
     logger.print(f"done: step {step}, {time.time() - t0:.1f} s")
     logger.close()
     return last
@@ -405,7 +430,10 @@ def main(argv):
     del argv
     from absl import flags
     distributed.initialize_from_flags()  # before anything touches a device
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except preemption.Preempted as e:
+        sys.exit(e.exit_status)  # 128 + signal, after the checkpoint committed
 
 
 def run():

@@ -204,7 +204,8 @@ def test_tpu_pod_creates_installs_and_runs_on_every_worker(tmp_path):
     install = next(a for a in calls[3]["argv"] if a.startswith("--command="))
     assert "pip install -q -U 'jax[tpu]'" in install and "pip install -q -e ~/pfc_jax" in install
     run = next(a for a in calls[4]["argv"] if a.startswith("--command="))
-    assert run == ("--command=cd ~/pfc_jax && python3 -m pfc_jax.train --config "
+    # exec: the VM's SIGTERM reaches the trainer itself (its preemption checkpoint).
+    assert run == ("--command=cd ~/pfc_jax && exec python3 -m pfc_jax.train --config "
                    "configs/tiny_cpu.py --workdir gs://bucket/run --config.seed=3 "
                    "--config.data.path=a\\ b "), run
 

@@ -429,3 +429,17 @@ def test_initialize_after_devices_are_in_use_is_explained(clean_env):
         distributed.initialize_from_flags(fv)
     assert time.monotonic() - start < 2
     assert not jax.distributed.is_initialized()
+
+
+def test_a_jax_without_the_cluster_detectors_is_explained(clean_env):
+    """The one JAX internal used (cluster detection) missing: a clear error, not a traceback."""
+    from jax._src import clusters
+    clean_env.delattr(clusters.ClusterEnv, "_cluster_types")
+    with pytest.raises(distributed.DistributedInitError,
+                       match=r"cannot reach JAX's cluster detection in jax .*set PFC_COORDINATOR"):
+        distributed.resolve()
+    # A layout given in full never needs the detectors.
+    clean_env.setenv("PFC_COORDINATOR", "10.0.0.1:1234")
+    clean_env.setenv("PFC_NUM_PROCESSES", "2")
+    clean_env.setenv("PFC_PROCESS_ID", "1")
+    assert distributed.resolve().process_id == 1
