@@ -240,8 +240,11 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         head_state = self.head.update(state.head, idx, row_grads, rows)
+        # update_norm and row_grad_norm: the new state must be finite too (a loss
+        # computed before the update can be finite while the update is not).
         metrics = dict(loss=loss, top1=top1, num_bad_labels=bad,
-                       grad_norm=optax.tree.norm(grads), lr=self.schedule(state.step))
+                       grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
+                       row_grad_norm=optax.tree.norm(row_grads), lr=self.schedule(state.step))
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state, head=head_state)
         return new_state, metrics
@@ -299,13 +302,15 @@ class TrainingDiverged(FloatingPointError):
 
 def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int) -> dict:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+    watched = ("loss", "grad_norm", "update_norm", "row_grad_norm", "lr")
+    bad = [k for k in watched if not np.isfinite(metrics[k])]
+    if bad:
         kept = ("the last good checkpoint is step "
                 f"{last_saved}" if last_saved is not None else "no checkpoint was written")
         raise TrainingDiverged(
-            f"step {step}: loss {metrics['loss']}, backbone gradient norm "
-            f"{metrics['grad_norm']}; stopping ({kept}). Lower the learning rate, raise "
-            "warm-up, or check the data.")
+            f"step {step}: " + ", ".join(f"{k} {metrics[k]}" for k in watched) +
+            f"; not finite: {', '.join(bad)}; stopping, this step's state is not saved "
+            f"({kept}). Lower the learning rate, raise warm-up, or check the data.")
     if metrics["num_bad_labels"] > 0:
         raise ValueError(f"step {step}: {int(metrics['num_bad_labels'])} labels outside "
                          f"[0, {num_classes}) reached the head")
