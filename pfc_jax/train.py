@@ -438,6 +438,7 @@ def main(argv):
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except preemption.Preempted as e:
+        print(f"pfc_jax.train: process {jax.process_index()}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_status)  # 128 + signal, after the checkpoint committed
 
 

@@ -2,19 +2,37 @@
 
 The tiny config runs through ``launch/local_cluster.sh`` as 2 processes with
 4 emulated CPU devices each, and here in the test process as 1 process with
-8; the two must agree step by step (losses, sampled class sets), a checkpoint
-of the 2-process run must resume in 1 process as if never interrupted, and a
-process whose peer never arrives must say so within its timeout.
+8. What must be exact is asserted exactly: the sampled class sets of every
+step, a checkpoint restored on 8 or on 4 devices, a 2-process run preempted by
+SIGTERM on one process and rerun (both processes checkpoint the same step; the
+continued losses equal the uninterrupted 2-process run's bit for bit).
 
-Until ``train.run()`` calls ``distributed.initialize`` (the patch that comes
-with ``pfc_jax/distributed.py``), the processes run ``_HARNESS``: the real
-``train.run()`` with the patch's calls added from outside. Once the patch is
-in, the launcher runs ``python -m pfc_jax.train`` itself.
+What cannot be exact is the loss of 2 x 4 against 1 x 8 devices: the
+cross-process collectives sum float32 partial results in another order, and
+each SGD step carries the difference on (measured here: 0 to 3e-7 relative in
+6 steps at lr 0.01; one session's machine of the same kind saw 8e-5 by step
+6). Two tolerances, each derived rather than guessed:
+
+* 2 x 4 against 1 x 8, uninterrupted: this comparison is the measurement of
+  that difference, so it is held only to what a defect would cause. A wrong
+  batch, step or data position moves a step's loss by as much as two
+  different batches differ: at least ``d_min``, the smallest relative change
+  between consecutive steps of the run (about 1 % here); the runs must agree
+  to ``d_min / 10``. The exact checks above cover the rest.
+* a 2 x 4 checkpoint resumed on 1 x 8 against the 1 x 8 run: it carries the
+  2 x 4 run's step-4 state, so it may differ from 1 x 8 by what the
+  uninterrupted 2 x 4 run differs by, ``env_s = max over steps <= s of
+  |two(s) - one(s)| / |one(s)|``, times ``RTOL_FACTOR`` (the 2 x 4 run also
+  adds its own rounding in steps 5-6; the factor covers either adding to or
+  cancelling the inherited part), and at least ``RTOL_FLOOR`` (a few float32
+  ulps, for an envelope that is 0 by chance).
 """
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,89 +51,19 @@ LAUNCH = os.path.join(REPO, "launch", "local_cluster.sh")
 CONFIG = "configs/tiny_cpu.py:test"
 
 # Constant learning rate, no warm-up: the schedule then does not depend on
-# max_steps, so a 4-step run resumed to 6 steps is the 6-step run. A rate of
-# 0.01 keeps these first steps stable (at 0.1, float rounding differences grow
-# ~100x per step). One checkpoint per step: consecutive head tables show which
-# rows each step touched.
+# max_steps, so a run resumed to 6 steps is the 6-step run. One checkpoint
+# per step: consecutive head tables show which rows each step touched.
 COMMON = {"checkpoint.every_steps": 1, "checkpoint.keep": 10, "optimizer.lr": 0.01,
-          "optimizer.schedule": "constant", "optimizer.warmup_epochs": 0.0}
-RTOL = 1e-5  # float32 sums in another order (8 devices in 1 or 2 processes)
-TWO_PROC = {**COMMON, "max_steps": 4, "eval.every_steps": 4}
-ONE_PROC = {**COMMON, "max_steps": 6, "eval.every_steps": 0}
-
-# What the train.py patch does, applied from outside (see the module docstring).
-_HARNESS = r'''
-import jax
-from pfc_jax import distributed, train
-
-distributed.define_flags()
-_main = train.main
+          "optimizer.schedule": "constant", "optimizer.warmup_epochs": 0.0, "max_steps": 6}
+TWO_PROC = {**COMMON, "eval.every_steps": 4}
+ONE_PROC = {**COMMON, "eval.every_steps": 0}
+RTOL_FACTOR = 10.0
+RTOL_FLOOR = 8 * float(np.finfo(np.float32).eps)
 
 
-def main(argv):
-    from jax._src import xla_bridge
-    assert not xla_bridge.backends_are_initialized(), "a device was touched before initialize"
-    distributed.initialize_from_flags()
-    _main(argv)
-
-
-train.main = main
-
-# Multi-process evaluation as in the patch: every process embeds (the model
-# spans all devices) and reads all embeddings; only process 0 logs.
-_post_init = train.Trainer.__post_init__
-
-
-def __post_init__(self):
-    _post_init(self)
-    repl = train.mesh_lib.replicated(self.mesh)
-    self.embed = jax.jit(self._embed, in_shardings=(repl, repl,
-                         train.mesh_lib.batch_sharding(self.mesh)), out_shardings=repl)
-
-
-def embed_fn(self, state):
-    import numpy as np
-    sharding = train.mesh_lib.batch_sharding(self.mesh)
-
-    def fn(images):
-        images = np.asarray(images)
-        images = jax.make_array_from_callback(images.shape, sharding, lambda i: images[i])
-        return np.asarray(self.embed(state.params, state.batch_stats, images))
-    return fn
-
-
-_evaluate = train.evaluate
-_sets = {}
-
-
-def evaluate(trainer, state, sets, logger, step):
-    if not sets and jax.process_index() != 0:  # the unpatched loop loads them on process 0 only
-        if not _sets:
-            c = trainer.config
-            held = train.build_source(c, held_out=True) if c.data.kind == "synthetic" else None
-            _sets.update(train.load_eval_sets(c, held))
-        sets = _sets
-    return _evaluate(trainer, state, sets, logger, step)
-
-
-train.Trainer.__post_init__ = __post_init__
-train.Trainer.embed_fn = embed_fn
-train.evaluate = evaluate
-train.run()
-'''
-
-
-def _patched() -> bool:
-    return hasattr(train, "distributed")
-
-
-def _entry(tmp_path) -> list[str]:
+def _entry() -> list[str]:
     """The command each process runs, without the trainer flags."""
-    if _patched():
-        return [sys.executable, "-m", "pfc_jax.train"]
-    harness = tmp_path / "harness.py"
-    harness.write_text(_HARNESS)
-    return [sys.executable, str(harness)]
+    return [sys.executable, "-m", "pfc_jax.train"]
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -156,33 +104,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch(workdir, overrides=TWO_PROC, **popen):
+    cmd = [LAUNCH, "2", "--config", CONFIG, "--workdir", str(workdir), *_flags(overrides)]
+    return subprocess.Popen(cmd, cwd=REPO, env=_child_env(PFC_INIT_TIMEOUT_S="60"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+
+
 # ------------------------------------------------------------------ runs (module)
 @pytest.fixture(scope="module")
 def two_proc(tmp_path_factory):
-    """The tiny config for 4 steps as 2 processes x 4 CPU devices, via the launcher."""
-    tmp = tmp_path_factory.mktemp("two_proc")
-    workdir = tmp / "run"
-    # Patched: the launcher's own command, $PYTHON -m pfc_jax.train; else the harness.
-    entry = [] if _patched() else ["--", *_entry(tmp)]
-    cmd = [LAUNCH, "2", *entry, "--config", CONFIG, "--workdir", str(workdir),
-           *_flags(TWO_PROC)]
+    """The tiny config for 6 steps as 2 processes x 4 CPU devices, via the launcher."""
+    workdir = tmp_path_factory.mktemp("two_proc") / "run"
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=_child_env(PFC_INIT_TIMEOUT_S="60"),
-                          capture_output=True, text=True, timeout=240)
-    elapsed = time.monotonic() - start
-    output = proc.stdout + proc.stderr
-    print(f"2-process run ({'python -m pfc_jax.train' if _patched() else 'harness'}): "
-          f"{elapsed:.1f} s")
+    proc = _launch(workdir)
+    output, _ = proc.communicate(timeout=300)
+    print(f"2-process run: {time.monotonic() - start:.1f} s")
     assert proc.returncode == 0, f"local_cluster.sh exited {proc.returncode}:\n{output[-6000:]}"
     return workdir, output
 
 
 @pytest.fixture(scope="module")
 def one_proc(tmp_path_factory):
-    """The same config uninterrupted for 6 steps in this process (1 process x 8 devices)."""
+    """The same config uninterrupted in this process (1 process x 8 devices)."""
     workdir = tmp_path_factory.mktemp("one_proc") / "run"
     train.train_and_evaluate(_config(ONE_PROC), str(workdir))
     return workdir
+
+
+def _gross_rtol(losses: dict) -> float:
+    """A tenth of the smallest relative loss change between consecutive steps."""
+    steps = sorted(losses)
+    return 0.1 * min(abs(losses[b] - losses[a]) / abs(losses[b]) for a, b in zip(steps, steps[1:]))
+
+
+def _envelope_rtol(two: dict, one: dict) -> dict:
+    """Per step, RTOL_FACTOR x the 2 x 4 vs 1 x 8 envelope (at least RTOL_FLOOR)."""
+    steps = sorted(one)
+    env = np.maximum.accumulate([abs(two[s] - one[s]) / abs(one[s]) for s in steps])
+    print("2 x 4 vs 1 x 8 envelope per step:", " ".join(f"{e:.1e}" for e in env))
+    return dict(zip(steps, np.maximum(RTOL_FACTOR * env, RTOL_FLOOR)))
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +153,12 @@ def restorer():
     return train.Trainer(cfg, train.make_mesh(cfg))
 
 
-def _centers(trainer, workdir, step):
+def _restore(trainer, workdir, step):
     ckpts = ckpt_lib.Checkpoints(str(workdir))
     try:
-        state = ckpts.restore(step, trainer.abstract_state, None)
+        return ckpts.restore(step, trainer.abstract_state, None)
     finally:
         ckpts.close()
-    return np.asarray(state.head.centers)
 
 
 def _touched_rows(trainer, workdir, steps):
@@ -206,10 +166,17 @@ def _touched_rows(trainer, workdir, steps):
     prev = np.asarray(trainer.init(trainer.base_key).head.centers)
     out = {}
     for step in steps:
-        cur = _centers(trainer, workdir, step)
+        cur = np.asarray(_restore(trainer, workdir, step).head.centers)
         out[step] = np.flatnonzero(np.any(cur != prev, axis=tuple(range(1, cur.ndim))))
         prev = cur
     return out
+
+
+def _assert_close(got: dict, want: dict, rtol: dict, steps, what: str):
+    for s in steps:
+        err = abs(got[s] - want[s]) / abs(want[s])
+        assert err <= rtol[s], (f"{what}, step {s}: {got[s]!r} vs {want[s]!r}, relative "
+                                f"{err:.2e} > {rtol[s]:.2e}")
 
 
 # ------------------------------------------------------------------------- tests
@@ -221,10 +188,11 @@ def test_two_processes_train_like_one(two_proc, one_proc, restorer):
     assert "[1] training from scratch" not in output, "process 1 logged: only process 0 may"
 
     a, b = _losses(workdir), _losses(one_proc)
-    assert sorted(a) == [1, 2, 3, 4], f"2-process run logged steps {sorted(a)}"
-    np.testing.assert_allclose([a[s] for s in range(1, 5)], [b[s] for s in range(1, 5)],
-                               rtol=RTOL, err_msg="per-step losses, 2 x 4 vs 1 x 8 devices")
-    assert len({round(v, 3) for v in a.values()}) == 4, f"losses do not change: {a}"
+    assert sorted(a) == sorted(b) == list(range(1, 7)), f"2-process run logged steps {sorted(a)}"
+    gross = _gross_rtol(b)
+    assert gross > 10 * RTOL_FLOOR, f"consecutive losses barely change: {b}"
+    _assert_close(a, b, dict.fromkeys(a, gross), range(1, 7), "2 x 4 vs 1 x 8 devices")
+    assert len({round(v, 3) for v in a.values()}) == 6, f"losses do not change: {a}"
 
     # Sampled class sets: read off the checkpoints, and drawn here from the same
     # labels and keys as the train step draws them.
@@ -244,40 +212,108 @@ def test_two_processes_train_like_one(two_proc, one_proc, restorer):
     # Checkpoints: every step present, the iterator state written once with
     # the global position.
     ckpts = ckpt_lib.Checkpoints(str(workdir))
-    assert ckpts.manager.all_steps() == [1, 2, 3, 4]
+    assert ckpts.manager.all_steps() == list(range(1, 7))
     ckpts.close()
     with open(workdir / "checkpoints" / "4" / "data" / "metadata") as f:
         state = json.loads(json.load(f)["iterator"])
     assert state["next_batch"] == 4, state
 
-    # Evaluation ran on the 2-process mesh at step 4 and agrees with the same
-    # checkpoint evaluated here.
+    # Evaluation ran on the 2-process mesh at step 4 (and at the end) and agrees
+    # with the same checkpoint evaluated here.
     evals = [r for r in _records(workdir) if "eval/synthetic_heldout/accuracy" in r]
-    assert [r["step"] for r in evals] == [4], evals
+    assert [r["step"] for r in evals] == [4, 6], evals
     held = train.build_source(t.config, held_out=True)
     sets = train.load_eval_sets(t.config, held)
-    restored = ckpt_lib.Checkpoints(str(workdir))
-    st = restored.restore(4, t.abstract_state, None)
-    restored.close()
+    st = _restore(t, workdir, 4)
     here = train.evaluate(t, st, sets, logs.MetricLogger(str(workdir), 6, enabled=False), 4)
     assert abs(here["synthetic_heldout"].accuracy_mean
                - evals[0]["eval/synthetic_heldout/accuracy"]) <= 0.0051
+
+
+def test_two_process_checkpoint_restores_exactly_on_8_and_4_devices(two_proc, restorer):
+    workdir, _ = two_proc
+    on8 = jax.tree.leaves(_restore(restorer, workdir, 4))
+    cfg4 = _config({**ONE_PROC, "mesh_devices": 4})
+    t4 = train.Trainer(cfg4, train.make_mesh(cfg4), padded_classes=restorer.head.padded_classes)
+    on4 = jax.tree.leaves(_restore(t4, workdir, 4))
+    assert len(on8) == len(on4) > 10
+    for a, b in zip(on8, on4):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_two_process_checkpoint_resumes_in_one_process(two_proc, one_proc, tmp_path):
     workdir, _ = two_proc
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
+    for step in (5, 6):  # as if the 2-process run had stopped after step 4
+        shutil.rmtree(resumed / "checkpoints" / str(step))
     train.train_and_evaluate(_config(ONE_PROC), str(resumed))  # steps 5 and 6 on 1 x 8
-    a, b = _losses(resumed), _losses(one_proc)
+    a, b, two = _losses(resumed), _losses(one_proc), _losses(workdir)
     assert sorted(a) == list(range(1, 7)), sorted(a)
-    np.testing.assert_allclose([a[5], a[6]], [b[5], b[6]], rtol=RTOL,
-                               err_msg="steps 5-6 after resuming the 2-process checkpoint")
+    assert [a[s] for s in range(1, 5)] == [two[s] for s in range(1, 5)], \
+        "the records up to the checkpoint are the 2-process run's"
+    _assert_close(a, b, _envelope_rtol(two, b), (5, 6),
+                  "steps 5-6 after resuming the 2-process checkpoint")
+    assert os.path.exists(resumed / logs.SUPERSEDED), "steps 5-6 of the 2-process run moved"
+
+
+def test_sigterm_to_one_of_two_processes_checkpoints_both_at_one_step(two_proc, tmp_path):
+    """A preempted host: SIGTERM to process 1 only. Both save the same step, exit 143,
+    and the rerun continues the uninterrupted 2-process run bit for bit."""
+    workdir, _ = two_proc
+    run = tmp_path / "run"
+    proc = _launch(run, start_new_session=True)
+    deadline = time.monotonic() + 240
+    target = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(run / "metrics.jsonl") and _losses(run).get(2) is not None:
+            target = _pid_of_process(1)
+            break
+        time.sleep(0.05)
+    assert target is not None, "the 2-process run did not reach step 2"
+    sent = time.monotonic()
+    os.kill(target, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 143, f"launcher exited {proc.returncode}:\n{output[-5000:]}"
+    assert took < 60, f"{took:.1f} s from SIGTERM to exit"
+    stops = dict(re.findall(r"process (\d): stopped by .*?checkpoint of step (\d+) written",
+                            output))
+    assert sorted(stops) == ["0", "1"] and len(set(stops.values())) == 1, output[-5000:]
+    step = int(stops["0"])
+    ckpts = ckpt_lib.Checkpoints(str(run))
+    assert ckpts.latest_step() == step
+    ckpts.close()
+    assert 2 <= step < 6
+
+    proc = _launch(run)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-5000:]
+    assert f"resumed from step {step}" in output
+    assert _losses(run) == _losses(workdir), "the continued trace differs from the uninterrupted"
+
+
+def _pid_of_process(process_id: int) -> int:
+    """The pid of the trainer process with PFC_PROCESS_ID=process_id."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if b"pfc_jax.train" in cmd and f"PFC_PROCESS_ID={process_id}".encode() in env \
+                and b"PFC_NUM_PROCESSES=2" in env:
+            return int(name)
+    raise AssertionError(f"no trainer process with PFC_PROCESS_ID={process_id}")
 
 
 def test_a_missing_peer_is_reported_within_the_timeout(tmp_path):
     """Process 0 of 2 alone, and process 1 of 2 with no coordinator: both name what they waited for."""
-    entry = _entry(tmp_path)
+    entry = _entry()
     ports = {0: _free_port(), 1: _free_port()}
     procs, start = {}, time.monotonic()
     for pid, port in ports.items():
