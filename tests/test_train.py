@@ -10,6 +10,7 @@ import pytest
 from pfc_jax import checkpoint as ckpt_lib
 from pfc_jax import train
 from pfc_jax.config import load_recipe, total_steps
+from tolerances import batch_change_rtol
 
 
 def _config(**overrides):
@@ -64,7 +65,9 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
     train.train_and_evaluate(cfg8, str(tmp_path / "a"))
     train.train_and_evaluate(cfg4, str(tmp_path / "b"))
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    np.testing.assert_allclose([a[3], a[4]], [b[3], b[4]], rtol=2e-4)
+    assert [a[1], a[2]] == [b[1], b[2]], "the records up to the checkpoint are the same run's"
+    # Steps 3-4 sum in another order on 4 devices (see tests/tolerances.py).
+    np.testing.assert_allclose([a[3], a[4]], [b[3], b[4]], rtol=batch_change_rtol(a))
 
 
 def test_labels_beyond_num_classes_stop_before_step_one(tmp_path):
