@@ -30,9 +30,11 @@ def expect(tmp_path_factory):
 def test_sigterm_and_sigint_checkpoint_the_step_and_the_reruns_continue_exactly(
         expect, tmp_path):
     rng = np.random.default_rng(7)
-    # Signals after steps 2 and 7, between the periodic checkpoints (3, 6, 9);
-    # the trainer handles them a step or two later.
-    points = harness.trial(str(tmp_path / "run"), [("sigterm", 2), ("sigint", 7)], rng, expect)
+    # Signals after a random step in 1-2 and one in 4-7 (periodic checkpoints at
+    # 3, 6, 9); the trainer handles each a step or two later.
+    targets = int(rng.integers(1, 3)), int(rng.integers(4, 8))
+    points = harness.trial(str(tmp_path / "run"),
+                           [("sigterm", targets[0]), ("sigint", targets[1])], rng, expect)
     for p in points:
         print(p.line())
     assert [p.kind for p in points] == ["sigterm", "sigint"]

@@ -173,6 +173,22 @@ def test_bad_config_is_explained():
     cfg = _config(**{"data.kind": "recordio"})
     with pytest.raises(ValueError, match="data.path is required"):
         train.train_and_evaluate(cfg, "/nonexistent/never-created")
+    cfg = _config(**{"eval.batch_size": 12})
+    with pytest.raises(ValueError, match=r"eval.batch_size 12 is not divisible by the 8 devices"
+                                         r".*--config.eval.batch_size=64"):
+        train.train_and_evaluate(cfg, "/nonexistent/never-created")
+
+
+def test_eval_batch_size_defaults_to_a_multiple_of_the_devices():
+    from pfc_jax.config import eval_batch_size, validate
+    assert [eval_batch_size(None, n) for n in (1, 8, 48, 64, 128, 6144)] == \
+        [64, 64, 96, 64, 128, 6144]
+    assert eval_batch_size(24, 8) == 24
+    cfg = _config(batch_size=128, **{"eval.batch_size": None})
+    validate(cfg, 128)  # unset: fine on any device count
+    cfg.eval.batch_size = 64
+    with pytest.raises(ValueError, match="eval.batch_size 64 is not divisible by the 128"):
+        validate(cfg, 128)
 
 
 def test_gradient_accumulation_equals_the_large_batch():
