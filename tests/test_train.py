@@ -221,3 +221,50 @@ def test_loss_falls_on_synthetic_identities(tmp_path):
     first = np.mean([losses[s] for s in range(1, 6)])
     last = np.mean([losses[s] for s in range(36, 41)])
     assert last < first - 1.0, (first, last)
+
+
+def test_training_top1_is_the_nearest_sampled_centre_without_the_margin():
+    """top1 == a float64 count of samples whose own centre has the largest plain
+    cosine among the sampled classes; margin_top1 counts margin logits instead."""
+    # 400 classes, 50 per device: 16 of them sampled per device (the batch size).
+    cfg = _config(**{"model.name": "convnet_tiny", "head.num_classes": 400})
+    t = train.Trainer(cfg, train.make_mesh(cfg))
+    rng = np.random.default_rng(3)
+    labels = rng.choice(cfg.head.num_classes, 16, replace=False).astype(np.int32)
+    batch = {"image": rng.integers(0, 256, (16, 112, 112, 3), dtype=np.uint8),
+             "label": labels, "valid": np.ones(16, bool)}
+    from pfc_jax import mesh as mesh_lib
+    gbatch = mesh_lib.host_local_to_global(batch, t.mesh)
+    state = t.init(t.base_key)
+    # BN-free backbone, no dropout: the eval embedding is the train step's.
+    emb = np.asarray(t.embed(state.params, state.batch_stats, gbatch["image"]), np.float64)
+    centers = np.asarray(state.head.centers, np.float64).copy()
+    # Nine centres moved towards their samples by different amounts: some beat
+    # every negative only without the margin.
+    unit = emb[:9] / np.linalg.norm(emb[:9], axis=1, keepdims=True)
+    noise = rng.standard_normal(unit.shape)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    a = np.linspace(0.3, 1.0, 9)[:, None]
+    centers[labels[:9], 0] = a * unit + (1 - a) * noise
+    state = state.replace(head=state.head._replace(centers=jax.device_put(
+        centers.astype(np.float32), state.head.centers.sharding)))
+    k_sample, _ = jax.random.split(jax.random.fold_in(t.base_key, 0))
+    sampled = t.head.sampled_classes(jax.jit(t.head.sample)(gbatch["label"], k_sample))
+    assert len(sampled) < cfg.head.num_classes, "sampling is off: a weak check"
+    _, m = t.train_step(state, gbatch)
+
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    w = centers[sampled, 0] / np.linalg.norm(centers[sampled, 0], axis=1, keepdims=True)
+    cos = x @ w.T
+    own = sampled[None, :] == labels[:, None]
+    gap = cos[own] - np.where(own, -2.0, cos).max(axis=1)
+    m3, s = cfg.head.margins[2], cfg.head.scale
+    # float32 in the step may order near-ties either way: there must be none.
+    assert np.all(np.abs(gap) > 1e-5) and np.all(np.abs(gap - m3) > 1e-5), gap
+    expect = float(np.mean(gap > 0))
+    assert 0 < expect < 1
+    assert float(m["top1"]) == expect
+    # CosFace lowers the target logit by s * m3: fewer margin wins, never more.
+    margin_wins = s * (cos[own] - m3) >= s * (cos[own] - gap)  # target logit vs best negative
+    assert margin_wins.sum() < (gap > 0).sum(), "no sample tells the two apart"
+    assert float(m["margin_top1"]) == float(np.mean(margin_wins))
