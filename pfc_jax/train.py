@@ -14,8 +14,8 @@ One loop, ``train_and_evaluate(config, workdir)``:
    on the head; the sampling and dropout randomness is ``fold_in(seed,
    step)``, so a resumed run draws what the uninterrupted run would have;
 4. logging, verification every ``eval.every_steps``, checkpoints every
-   ``checkpoint.every_steps``; a non-finite loss stops the run naming the
-   step, before anything after the last good checkpoint is saved;
+   ``checkpoint.every_steps``; a non-finite loss, gradient, update or rate
+   stops the run naming the step, before that step's state is saved;
 5. SIGTERM or SIGINT (``pfc_jax.preemption``): every process checkpoints the
    same finished step, waits for the write to commit and exits with status
    128 + signal; the rerun resumes from it exactly.
