@@ -100,15 +100,14 @@ class Watch:
             try:
                 reached = multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError as e:  # jax_enable_preemption_service is off
-                print(f"pfc_jax.preemption: {e}; a SIGTERM now ends the processes without "
-                      "a checkpoint", file=sys.stderr, flush=True)
+                print(f"pfc_jax.preemption: {e}; a SIGTERM or SIGINT now ends the processes "
+                      "without a checkpoint", file=sys.stderr, flush=True)
                 self._multi = None
+                self.__exit__()  # Ctrl-C must not be swallowed by a handler that cannot act
                 return False
             if reached:
                 if self.received_at is None:
                     self.received_at = time.monotonic()
                 return True
             return False
-        if self._multi is None:
-            return False  # no agreement possible: a lone process must not save alone
-        return self.signum is not None
+        return self._multi is False and self.signum is not None

@@ -434,10 +434,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             # rest) before that commit.
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("pfc_jax preemption checkpoint committed")
-        err = preemption.Preempted(step, watch.signum, time.monotonic() - watch.received_at)
-        logger.print(f"step {step}: {err}")
-        logger.close()
-        raise err
+        logger.close()  # main() prints the Preempted message, on every process
+        raise preemption.Preempted(step, watch.signum, time.monotonic() - watch.received_at)
     logger.print(f"done: step {step}, {time.time() - t0:.1f} s")
     logger.close()
     return last
