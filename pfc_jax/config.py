@@ -50,6 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_identities=1000, synthetic_images_per_identity=20,
         # augmentations beyond the flip (the reference's optional "dali_aug" set)
         flip=True, lowres_prob=0.0, blur_prob=0.0, color_jitter=0.0, grayscale_prob=0.0,
+        # injected label noise for experiments (pfc_jax.data.noise): flipped fraction
+        # of records, fraction of identities split in two (duplicate identities)
+        noise=ml_collections.ConfigDict(dict(flip=0.0, conflict=0.0, seed=0)),
+        # a keep-list written by pfc-clean (pfc_jax.data.keep): train on its records
+        keep_list=ml_collections.FieldReference(None, field_type=str),
     ))
 
     c.batch_size = 128 * 8     # global batch

@@ -47,6 +47,7 @@ from pfc_jax import partial_fc as pf
 from pfc_jax import preemption
 
 IMAGE_SHAPE = (112, 112, 3)
+NOISE_TRUTH = "noise_truth.npz"  # ground truth of injected label noise, in the workdir
 
 
 @flax.struct.dataclass
@@ -98,20 +99,42 @@ def head_config(config) -> pf.HeadConfig:
 
 
 def build_source(config, *, held_out: bool = False):
-    """The training source named by ``config.data`` (synthetic: the held-out split too)."""
+    """The training source named by ``config.data`` (synthetic: the held-out split too).
+
+    The training source is wrapped, in this order, by the injected label noise
+    of ``data.noise`` and by the keep-list of ``data.keep_list``; the held-out
+    split never is.
+    """
     d = config.data
     if d.kind == "synthetic":
         from pfc_jax.data.synthetic import SyntheticFaces
         if held_out:
             return SyntheticFaces(200, 8, seed=config.seed + 1,
                                   identity_offset=d.synthetic_identities)
-        return SyntheticFaces(d.synthetic_identities, d.synthetic_images_per_identity,
-                              seed=config.seed)
-    from pfc_jax.data.sources import open_source
-    kw = dict(skip_corrupt=d.skip_corrupt)
-    if d.kind == "tfds":
-        kw["split"] = d.tfds_split
-    return open_source(d.kind, d.path, **kw)
+        src = SyntheticFaces(d.synthetic_identities, d.synthetic_images_per_identity,
+                             seed=config.seed)
+    else:
+        from pfc_jax.data.sources import open_source
+        kw = dict(skip_corrupt=d.skip_corrupt)
+        if d.kind == "tfds":
+            kw["split"] = d.tfds_split
+        src = open_source(d.kind, d.path, **kw)
+    if d.noise.flip or d.noise.conflict:
+        from pfc_jax.data.noise import NoisyLabels
+        src = NoisyLabels(src, flip=d.noise.flip, conflict=d.noise.conflict,
+                          seed=d.noise.seed)
+    if d.keep_list:
+        from pfc_jax.data.keep import KeptRecords
+        src = KeptRecords(src, d.keep_list)
+    return src
+
+
+def classes_of(config, source) -> int:
+    """The head's class count: the recipe's, or the view's when noise or a keep-list
+    changes it (conflict noise adds twin labels; cleaning drops and re-indexes)."""
+    if config.data.keep_list or config.data.noise.conflict:
+        return int(source.num_classes)
+    return int(config.head.num_classes)
 
 
 def make_loader(config, source):
@@ -347,6 +370,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     source = build_source(config)
+    if classes_of(config, source) != config.head.num_classes:
+        print(f"pfc_jax.train: head.num_classes {config.head.num_classes} -> "
+              f"{source.num_classes}, the classes of {source!r}", file=sys.stderr)
+        config.head.num_classes = classes_of(config, source)
+    if is_main and hasattr(source, "truth"):  # injected noise: keep its ground truth
+        source.truth.save(os.path.join(workdir, NOISE_TRUTH))
     from pfc_jax.data.sources import check_labels
     check_labels(source, config.head.num_classes)
 
