@@ -17,7 +17,12 @@ accuracy and TAR at FAR 1e-2 over ``--pairs`` pairs. Rows:
     flip_k1          40 % flips, K = 1, r = 1
     flip_k3          40 % flips, K = 3, r = 1
     flip_k3_clean    flip_k3's table and backbone clean the set at 75 degrees
-                     (pfc_jax.clean), then K = 1, r = 1 from scratch on it
+                     (pfc_jax.clean), then K = 1, r = 1 from scratch on it (not
+                     trained when cleaning keeps under 10 % of the images)
+    flip_k3_clean_mad  the same, keeping images within their class's median
+                     + 0.5 MAD angle (pfc-clean --mad 0.5)
+    flip_k1_suspects flip_k1's suspect list (pfc_jax.suspects) drops the 30 %
+                     lowest-margin images, then K = 1, r = 1 from scratch
     flip_pfc_filter  40 % flips, K = 1, r = 0.1, filtering 0.4
     conflict_r1      20 % split identities, r = 1
     conflict_r01     20 % split identities, r = 0.1
@@ -50,6 +55,8 @@ ROWS = {
     "flip_k1": {"data.noise.flip": FLIP},
     "flip_k3": {"data.noise.flip": FLIP, "head.num_subcenters": 3},
     "flip_k3_clean": {"data.noise.flip": FLIP, "_clean_from": "flip_k3"},
+    "flip_k3_clean_mad": {"data.noise.flip": FLIP, "_clean_from": "flip_k3", "_mad": 0.5},
+    "flip_k1_suspects": {"data.noise.flip": FLIP, "_suspects_from": "flip_k1", "_drop": 0.3},
     "flip_pfc_filter": {"data.noise.flip": FLIP, "head.sample_rate": 0.1,
                         "head.filter_threshold": 0.4},
     "conflict_r1": {"data.noise.conflict": CONFLICT},
@@ -138,18 +145,36 @@ def main():
         workdir = os.path.join(args.out, name)
         overrides = dict(common, **{k: v for k, v in spec.items() if not k.startswith("_")})
         row = dict(overrides=overrides)
-        if "_clean_from" in spec:
-            from pfc_jax import clean
-            src = os.path.join(args.out, spec["_clean_from"])
-            cleaned = os.path.join(args.out, name + "_keep")
+        if "_clean_from" in spec or "_suspects_from" in spec:
             t0 = time.time()
-            report = clean.clean(src, cleaned, angle=args.angle, batch_size=64)
-            log(clean.format_report(report) + f"\n  ({time.time() - t0:.0f} s)")
-            row["clean"] = {k: report[k] for k in ("images_kept", "images_dropped",
-                                                   "classes_kept", "classes_dropped",
-                                                   "noise", "sweep") if k in report}
+            if "_clean_from" in spec:
+                from pfc_jax import clean
+                report = clean.clean(os.path.join(args.out, spec["_clean_from"]),
+                                     os.path.join(args.out, name + "_keep"), angle=args.angle,
+                                     mad=spec.get("_mad"), batch_size=64)
+                log(clean.format_report(report) + f"\n  ({time.time() - t0:.0f} s)")
+                row["clean"] = {k: report[k] for k in (
+                    "images_kept", "images_dropped", "classes_kept", "classes_dropped",
+                    "noise", "sweep", "angle_quantiles", "mad") if k in report}
+            else:
+                from pfc_jax import suspects
+                report = suspects.find(os.path.join(args.out, spec["_suspects_from"]),
+                                       os.path.join(args.out, name + "_keep"),
+                                       drop_fraction=spec["_drop"], batch_size=64)
+                log(suspects.format_report(report) + f"\n  ({time.time() - t0:.0f} s)")
+                row["clean"] = {"images_kept": report["images_kept"],
+                                "images_dropped": report["images_dropped"],
+                                "classes_kept": report["classes_kept"],
+                                "noise": report.get("dropped_vs_truth")}
             overrides["data.keep_list"] = report["keep_list"]
             row["overrides"] = overrides
+            if report["images_kept"] < 0.1 * (report["images_kept"] + report["images_dropped"]):
+                row["not_trained"] = "cleaning kept under 10 % of the images"
+                results[name] = row
+                log(f"{name:18s} not trained: {row['not_trained']}")
+                with open(results_path, "w") as f:
+                    json.dump(results, f, indent=2)
+                continue
         if not finished(workdir, args.steps):
             os.makedirs(workdir, exist_ok=True)
             row["train_s"] = train(workdir, overrides, log)
@@ -161,6 +186,9 @@ def main():
             json.dump(results, f, indent=2)
     print("\n| row | accuracy | TAR@FAR=1e-2 | cleaning P / R |\n|---|---|---|---|")
     for name, row in results.items():
+        if "accuracy" not in row:
+            print(f"| {name} | {row.get('not_trained', '')} | | |")
+            continue
         pr = row.get("clean", {}).get("noise")
         pr = f"{pr['precision']:.3f} / {pr['recall']:.3f}" if pr else ""
         print(f"| {name} | {row['accuracy']:.4f} ± {row['accuracy_std']:.4f} | "

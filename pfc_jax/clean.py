@@ -1,6 +1,6 @@
 """Sub-centre cleaning of a training set (ArcFace TPAMI; ``METHODS.md`` §2).
 
-    pfc-clean --workdir W --out DIR [--angle 75] [--recordio]
+    pfc-clean --workdir W --out DIR [--angle 75] [--mad 0.5] [--recordio]
     python -m pfc_jax.clean --workdir W --out DIR
 
 After a run with ``head.num_subcenters = K`` (3 in the paper; K = 1 works
@@ -9,7 +9,10 @@ of the run's own source (noise and keep-list included; normalised, no flip,
 no augmentation), finds each image's nearest sub-centre *of its own class*,
 takes each class's dominant sub-centre (the one most of its images are
 nearest to; ties to the lowest index), and drops an image whose angle to the
-dominant sub-centre is not below ``--angle`` degrees. Classes left empty are
+dominant sub-centre is not below ``--angle`` degrees (with ``--mad k``, also
+one above its class's median angle + k * 1.4826 * MAD: a rule relative to
+how tight the run left each class, for runs whose angles all lie above the
+paper's 75 degrees; ``docs/noise.md``). Classes left empty are
 dropped and labels re-indexed. Then retrain with K = 1 from scratch:
 
     pfc-train --config RECIPE --workdir W2 --config.data.keep_list=DIR/keep.npz
@@ -378,14 +381,43 @@ def score_drops(drop: np.ndarray, flipped: np.ndarray, readable: np.ndarray) -> 
                 precision=hit / max(int(drop.sum()), 1), recall=hit / max(int(flipped.sum()), 1))
 
 
-def summarize(result: dict, num_classes: int, angle: float, truth=None) -> dict:
+def class_median_mad(values: np.ndarray, labels: np.ndarray, ok: np.ndarray):
+    """Per-record median and MAD of ``values`` over the record's class (records ``ok``),
+    vectorised: one sort by (label, value), no loop over classes."""
+    idx = np.flatnonzero(ok)
+
+    def grouped_median(v):
+        order = idx[np.lexsort((v[idx], labels[idx]))]
+        lab = labels[order]
+        first = np.searchsorted(lab, lab, side="left")
+        size = np.searchsorted(lab, lab, side="right") - first
+        vals = v[order]
+        lo, hi = first + (size - 1) // 2, first + size // 2
+        med = np.full(v.shape, np.nan)
+        med[order] = 0.5 * (vals[lo] + vals[hi])
+        return med
+
+    med = grouped_median(values)
+    mad = grouped_median(np.where(ok, np.abs(values - med), np.nan))
+    return med, mad
+
+
+def summarize(result: dict, num_classes: int, angle: float, truth=None,
+              mad: float | None = None) -> dict:
+    """The keep mask and report. ``mad=None``: keep angles below ``angle`` (the
+    paper's absolute rule). ``mad=k``: keep angles at most ``median + k * 1.4826 *
+    MAD`` of the image's class (relative to how tight the run left each class),
+    and below ``angle`` as well."""
     readable, a = result["readable"], result["angle"]
     labels = result["labels"]
     keep = readable & (a < angle)
+    if mad is not None:
+        med, dev = class_median_mad(a, labels, readable)
+        keep &= a <= med + float(mad) * 1.4826 * dev
     classes_before = np.unique(labels[readable])
     classes_after = np.unique(labels[keep])
     report = dict(
-        angle=angle, records=int(len(labels)), unreadable=int((~readable).sum()),
+        angle=angle, mad=mad, records=int(len(labels)), unreadable=int((~readable).sum()),
         images_kept=int(keep.sum()), images_dropped=int((readable & ~keep).sum()),
         classes=int(num_classes), classes_with_images=int(len(classes_before)),
         classes_kept=int(len(classes_after)),
@@ -455,7 +487,8 @@ def write_recordio(folder: str, source: Any, keep_summary: dict) -> int:
     return len(order)
 
 
-def clean(workdir: str, out: str, *, angle: float = DEFAULT_ANGLE, step: int | None = None,
+def clean(workdir: str, out: str, *, angle: float = DEFAULT_ANGLE, mad: float | None = None,
+          step: int | None = None,
           batch_size: int = 256, recordio: bool = False, mesh: Mesh | None = None,
           progress: bool | None = None) -> dict:
     from pfc_jax import train
@@ -474,7 +507,7 @@ def clean(workdir: str, out: str, *, angle: float = DEFAULT_ANGLE, step: int | N
         reader.close()
     truth_path = os.path.join(workdir, train.NOISE_TRUTH)
     truth = noise_lib.load_truth(truth_path) if os.path.exists(truth_path) else None
-    report, keep = summarize(result, config.head.num_classes, angle, truth)
+    report, keep = summarize(result, config.head.num_classes, angle, truth, mad)
     report.update(workdir=os.path.abspath(workdir), step=int(step),
                   num_subcenters=int(table.shape[1]))
     if jax.process_index() == 0:
@@ -493,8 +526,9 @@ def clean(workdir: str, out: str, *, angle: float = DEFAULT_ANGLE, step: int | N
 
 
 def format_report(r: dict) -> str:
-    lines = [f"cleaned {r['workdir']} step {r['step']} (K = {r['num_subcenters']}) at "
-             f"{r['angle']:g} degrees",
+    rule = f"{r['angle']:g} degrees" + (
+        f" and class median + {r['mad']:g} MAD" if r.get("mad") is not None else "")
+    lines = [f"cleaned {r['workdir']} step {r['step']} (K = {r['num_subcenters']}) at {rule}",
              f"  images  kept {r['images_kept']:,}  dropped {r['images_dropped']:,}  "
              f"unreadable {r['unreadable']:,}",
              f"  classes kept {r['classes_kept']:,}  dropped {r['classes_dropped']:,} "
@@ -517,12 +551,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="where keep.npz and the report go")
     ap.add_argument("--angle", type=float, default=DEFAULT_ANGLE,
                     help="keep images below this angle to the dominant sub-centre (degrees)")
+    ap.add_argument("--mad", type=float, default=None,
+                    help="also drop images above median + MAD * 1.4826 * MAD of their class's "
+                         "angles (a rule relative to the run; see docs/noise.md)")
     ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--recordio", action="store_true",
                     help="also write the cleaned set as a RecordIO folder in --out")
     args = ap.parse_args(argv)
-    report = clean(args.workdir, args.out, angle=args.angle, step=args.step,
+    report = clean(args.workdir, args.out, angle=args.angle, mad=args.mad, step=args.step,
                    batch_size=args.batch_size, recordio=args.recordio)
     print(format_report(report))
     return report

@@ -1,6 +1,6 @@
 """Probable mislabels and duplicate identities of a training set, from any run.
 
-    pfc-suspects --workdir W --out DIR [--duplicate-cos 0.5] [--top 1000]
+    pfc-suspects --workdir W --out DIR [--duplicate-cos 0.5] [--top 1000] [--drop-fraction 0.3]
     python -m pfc_jax.suspects --workdir W --out DIR
 
 Works for K = 1 runs as well as sub-centre runs. One pass over the run's
@@ -24,6 +24,11 @@ class is a candidate; its centre cosine (max over sub-centre pairs, read for
 those rows only) and the fraction of each class's images pointing at the
 other are reported, pairs above ``--duplicate-cos`` ranked by centre cosine
 (``duplicates.csv``).
+
+With ``--drop-fraction f``, ``keep.npz`` is the keep-list of the training
+set without the fraction ``f`` of images ranked first (for
+``--config.data.keep_list``; on noisy data at small budgets this cleans better
+than the sub-centre angle, ``docs/noise.md``).
 
 ``report.json`` holds the counts and, when the workdir holds injected-noise
 ground truth, how well each list finds it: the share of flipped records among
@@ -112,8 +117,8 @@ def duplicate_pairs(result: dict, table: jax.Array, threshold: float) -> dict:
 
 
 def find(workdir: str, out: str, *, duplicate_cos: float = DEFAULT_DUPLICATE_COS,
-         top: int | None = None, step: int | None = None, batch_size: int = 256,
-         mesh=None, progress=None) -> dict:
+         top: int | None = None, drop_fraction: float | None = None,
+         step: int | None = None, batch_size: int = 256, mesh=None, progress=None) -> dict:
     from pfc_jax import train
     from pfc_jax.data import noise as noise_lib
 
@@ -135,6 +140,17 @@ def find(workdir: str, out: str, *, duplicate_cos: float = DEFAULT_DUPLICATE_COS
                   duplicate_pairs=int(len(dup["pairs"])))
     truth_path = os.path.join(workdir, train.NOISE_TRUTH)
     truth = noise_lib.load_truth(truth_path) if os.path.exists(truth_path) else None
+    drop = None
+    if drop_fraction is not None:
+        if not 0.0 <= drop_fraction < 1.0:
+            raise ValueError(f"--drop-fraction must be in [0, 1), got {drop_fraction}")
+        drop = np.zeros(len(readable), bool)
+        drop[order[: int(round(drop_fraction * len(order)))]] = True
+        report.update(drop_fraction=drop_fraction, images_dropped=int(drop.sum()),
+                      images_kept=int((readable & ~drop).sum()))
+        if truth is not None:
+            report["dropped_vs_truth"] = clean_lib.score_drops(
+                drop, np.asarray(truth.flipped, bool), readable)
     if truth is not None:
         flipped = np.asarray(truth.flipped, bool)
         n_flip = int(flipped[readable].sum())
@@ -167,6 +183,12 @@ def find(workdir: str, out: str, *, duplicate_cos: float = DEFAULT_DUPLICATE_COS
                                          dup["frac_b"]):
                 w.writerow([int(a), int(b), f"{c:.5f}", f"{fa:.4f}", f"{fb:.4f}"])
         np.savez(os.path.join(out, "scan.npz"), **result)
+        if drop is not None:
+            from pfc_jax.data import keep as keep_lib
+            summary = keep_lib.write_keep_list(os.path.join(out, "keep.npz"), source,
+                                               readable & ~drop)
+            report["keep_list"] = os.path.abspath(os.path.join(out, "keep.npz"))
+            report["classes_kept"] = int(summary["num_classes"])
         with open(os.path.join(out, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
     report["order"] = order
@@ -186,6 +208,14 @@ def format_report(r: dict) -> str:
                      f"{m['flipped']:,} suspects {m['precision_at_n_flipped']}")
         lines.append(f"  planted twins: {d['twins_reported']} of {d['twin_pairs']} reported "
                      f"(precision {d['precision']:.3f})")
+    if "keep_list" in r:
+        lines.append(f"  dropped the {r['drop_fraction']:g} lowest-margin images: kept "
+                     f"{r['images_kept']:,} in {r['classes_kept']:,} classes; train on it: "
+                     f"--config.data.keep_list={r['keep_list']}")
+        if "dropped_vs_truth" in r:
+            v = r["dropped_vs_truth"]
+            lines.append(f"  against the injected flips: precision {v['precision']:.3f} "
+                         f"recall {v['recall']:.3f}")
     return "\n".join(lines)
 
 
@@ -196,10 +226,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--duplicate-cos", type=float, default=DEFAULT_DUPLICATE_COS,
                     help="report class pairs whose centres are closer than this cosine")
     ap.add_argument("--top", type=int, default=None, help="mislabel rows to write (default all)")
+    ap.add_argument("--drop-fraction", type=float, default=None,
+                    help="also write keep.npz without this fraction of lowest-margin images "
+                         "(for --config.data.keep_list)")
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args(argv)
     r = find(args.workdir, args.out, duplicate_cos=args.duplicate_cos, top=args.top,
+             drop_fraction=args.drop_fraction,
              step=args.step, batch_size=args.batch_size)
     print(format_report(r))
     return r

@@ -138,6 +138,25 @@ def test_cleaning_a_hand_made_table_drops_exactly_the_planted_images(shape, head
     assert result["counts_total"] == len(y)
 
 
+def test_class_median_and_mad_equal_a_per_class_loop():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 9, 200)
+    values = rng.normal(60, 10, 200)
+    ok = rng.random(200) > 0.1
+    med, mad = clean.class_median_mad(values, labels, ok)
+    for c in range(9):
+        v = values[ok & (labels == c)]
+        m = np.median(v)
+        np.testing.assert_allclose(med[ok & (labels == c)], m, rtol=1e-12)
+        np.testing.assert_allclose(mad[ok & (labels == c)], np.median(np.abs(v - m)),
+                                   rtol=1e-12)
+    assert np.all(np.isnan(med[~ok]))   # records left out have no statistics
+    # the relative rule keeps exactly the images within median + k * 1.4826 * MAD
+    result = dict(readable=ok, labels=labels, angle=values)
+    _, keep = clean.summarize(result, 9, 180.0, mad=0.5)
+    np.testing.assert_array_equal(keep, ok & (values <= med + 0.5 * 1.4826 * mad))
+
+
 def test_cleaning_scores_the_dropped_set_against_injected_flips():
     table, x, y, expect_keep = _hand_made()
     flipped = ~expect_keep & (np.arange(len(y)) % 2 == 0)     # half the dropped ones
@@ -270,10 +289,17 @@ def test_clean_and_suspects_of_a_run_and_training_on_the_cleaned_list(tmp_path):
     with pytest.raises(ValueError, match="keep.npz was made from a source with"):
         train.train_and_evaluate(cfg3, str(tmp_path / "wrong"))
 
-    sus = suspects.find(run, str(tmp_path / "sus"), batch_size=48, progress=False)
-    margins = [float(r["margin"]) for r in _csv(tmp_path / "sus" / "mislabels.csv")]
+    sus = suspects.find(run, str(tmp_path / "sus"), batch_size=48, progress=False,
+                        drop_fraction=0.25)
+    rows = _csv(tmp_path / "sus" / "mislabels.csv")
+    margins = [float(r["margin"]) for r in rows]
     assert len(margins) == len(truth.flipped) and margins == sorted(margins)
     assert sus["mislabels_vs_truth"]["flipped"] == int(truth.flipped.sum())
+    # the keep-list leaves out exactly the quarter ranked first
+    n_drop = round(0.25 * len(rows))
+    dropped = {int(r["record"]) for r in rows[:n_drop]}
+    kept = np.load(tmp_path / "sus" / "keep.npz")["indices"]
+    assert set(kept) == set(range(len(rows))) - dropped
 
 
 def _csv(path):
