@@ -1,7 +1,8 @@
 """Keep-lists: a subset of a source's records under new labels, as one file.
 
-A keep-list is what ``pfc-clean`` writes (``keep.npz``) and what the trainer
-reads with ``--config.data.keep_list=PATH``. It works over every source kind
+A keep-list is what ``pfc-clean`` and ``pfc-suspects --drop-fraction`` write
+(``keep.npz``) and what the trainer reads with ``--config.data.keep_list=PATH``.
+It works over every source kind
 (RecordIO, image folder, ArrayRecord, TFDS, synthetic), because it stores
 record indices, not images:
 
@@ -25,6 +26,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from pfc_jax.data.views import Relabeled
 
 
 def labels_digest(labels: np.ndarray) -> str:
@@ -56,16 +59,16 @@ def write_keep_list(path: str, source: Any, keep: np.ndarray) -> dict:
     return summary
 
 
-class KeptRecords:
+class KeptRecords(Relabeled):
     """The records of ``source`` named by the keep-list at ``path``, relabelled."""
 
     def __init__(self, source: Any, path: str):
-        self.source, self.path = source, os.fspath(path)
+        self.path = os.fspath(path)
         try:
             with np.load(self.path) as z:
-                self.indices = np.array(z["indices"], np.int64)
-                self._labels = np.array(z["labels"], np.int64)
-                self._num_classes = int(z["num_classes"])
+                indices = np.array(z["indices"], np.int64)
+                kept_labels = np.array(z["labels"], np.int64)
+                num_classes = int(z["num_classes"])
                 self.old_class = np.array(z["old_class"], np.int64)
                 made = (int(z["source_len"]), int(z["source_num_classes"]),
                         str(z["source_labels_sha256"]))
@@ -73,7 +76,7 @@ class KeptRecords:
             raise FileNotFoundError(f"keep-list {self.path} does not exist") from None
         except (KeyError, ValueError, OSError) as e:
             raise ValueError(f"keep-list {self.path} is not a keep-list written by "
-                             f"pfc-clean: {type(e).__name__}: {e}") from e
+                             f"pfc-clean or pfc-suspects: {type(e).__name__}: {e}") from e
         labels = np.asarray(source.labels(), np.int64)
         now = (len(labels), int(source.num_classes), labels_digest(labels))
         for what, a, b in zip(("records", "classes", "labels (sha256)"), made, now):
@@ -82,60 +85,14 @@ class KeptRecords:
                     f"keep-list {self.path} was made from a source with {what} {a}, but the "
                     f"configured source {source!r} has {b}: the same data and the same "
                     "data.noise settings are needed")
-        m = len(self.indices)
-        if (self._labels.shape != (m,) or m == 0 or np.any(np.diff(self.indices) <= 0)
-                or self.indices[0] < 0 or self.indices[-1] >= len(labels)
-                or self._labels.min() < 0 or self._labels.max() >= self._num_classes):
+        m = len(indices)
+        if (kept_labels.shape != (m,) or m == 0 or np.any(np.diff(indices) <= 0)
+                or indices[0] < 0 or indices[-1] >= len(labels)
+                or kept_labels.min() < 0 or kept_labels.max() >= num_classes):
             raise ValueError(f"keep-list {self.path}: indices or labels out of range "
-                             f"({m} records, {self._num_classes} classes)")
-        self.skip_corrupt = getattr(source, "skip_corrupt", False)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+                             f"({m} records, {num_classes} classes)")
+        super().__init__(source, kept_labels, num_classes, indices)
 
     def __repr__(self) -> str:
         return f"KeptRecords({self.source!r}, {self.path!r}: {len(self)} records)"
 
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    def labels(self) -> np.ndarray:
-        return self._labels.copy()
-
-    def record_name(self, index: int) -> str:
-        j = int(self.indices[index])
-        name = getattr(self.source, "record_name", lambda i: f"record index {i}")(j)
-        return f"{name} (kept record {index} of {self.path})"
-
-    def _relabel(self, index: int, ex: Any) -> Any:
-        return None if ex is None else dict(ex, label=np.int32(self._labels[index]))
-
-    def __getitem__(self, index: int) -> Any:
-        i = int(index)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self!r}: index {index} out of range [0, {len(self)})")
-        return self._relabel(i, self.source[int(self.indices[i])])
-
-    def __getitems__(self, indices) -> list:
-        indices = [int(i) for i in indices]
-        src = [int(self.indices[i]) for i in indices]
-        get = getattr(self.source, "__getitems__", None)
-        exs = get(src) if get is not None else [self.source[j] for j in src]
-        return [self._relabel(i, ex) for i, ex in zip(indices, exs)]
-
-    _getitems = __getitems__
-
-    def read_raw(self, index: int) -> tuple[bytes, int]:
-        data, _ = self.source.read_raw(int(self.indices[index]))
-        return data, int(self._labels[index])
-
-    @property
-    def num_corrupt(self) -> int:
-        return getattr(self.source, "num_corrupt", 0)
-
-    @property
-    def corrupt_indices(self) -> list[int]:
-        return getattr(self.source, "corrupt_indices", [])

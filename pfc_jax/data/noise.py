@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from pfc_jax.data.sources import UNREADABLE_LABEL
+from pfc_jax.data.views import Relabeled
 
 _STREAM_CONFLICT, _STREAM_FLIP = 0xC0F1, 0xF11B
 
@@ -126,66 +127,20 @@ def make_noise(labels: np.ndarray, num_classes: int, *, flip: float = 0.0,
                       flipped=flipped, twins=twins, num_classes=c_after, source_classes=c)
 
 
-class NoisyLabels:
+class NoisyLabels(Relabeled):
     """A source whose labels carry injected noise; images come from ``source``.
 
-    Implements the source interface of :mod:`pfc_jax.data.sources`
-    (``len``, ``[i]``, ``__getitems__``, ``labels()``, ``num_classes``,
-    ``record_name``); ``truth`` is the :class:`NoiseTruth`.
+    A :class:`~pfc_jax.data.views.Relabeled` view; ``truth`` is the
+    :class:`NoiseTruth`.
     """
 
     def __init__(self, source: Any, *, flip: float = 0.0, conflict: float = 0.0,
                  seed: int = 0):
-        self.source = source
         self.flip, self.conflict, self.seed = float(flip), float(conflict), int(seed)
         self.truth = make_noise(source.labels(), source.num_classes, flip=flip,
                                 conflict=conflict, seed=seed)
-        self._labels = self.truth.noisy_label
-        self.skip_corrupt = getattr(source, "skip_corrupt", False)
-
-    def __len__(self) -> int:
-        return len(self.source)
+        super().__init__(source, self.truth.noisy_label, self.truth.num_classes)
 
     def __repr__(self) -> str:
         return (f"NoisyLabels({self.source!r}, flip={self.flip}, conflict={self.conflict}, "
                 f"seed={self.seed})")
-
-    @property
-    def num_classes(self) -> int:
-        return self.truth.num_classes
-
-    def labels(self) -> np.ndarray:
-        return self._labels.copy()
-
-    def record_name(self, index: int) -> str:
-        name = getattr(self.source, "record_name", lambda i: f"record index {i}")(index)
-        return f"{name} (noisy label {int(self._labels[index])})"
-
-    def _relabel(self, index: int, ex: Any) -> Any:
-        if ex is None:
-            return None
-        return dict(ex, label=np.int32(self._labels[index]))
-
-    def __getitem__(self, index: int) -> Any:
-        i = int(index) % len(self) if int(index) < 0 else int(index)
-        return self._relabel(i, self.source[index])
-
-    def __getitems__(self, indices) -> list:
-        indices = [int(i) for i in indices]
-        get = getattr(self.source, "__getitems__", None)
-        exs = get(indices) if get is not None else [self.source[i] for i in indices]
-        return [self._relabel(i, ex) for i, ex in zip(indices, exs)]
-
-    _getitems = __getitems__
-
-    def read_raw(self, index: int) -> tuple[bytes, int]:
-        data, _ = self.source.read_raw(index)
-        return data, int(self._labels[index])
-
-    @property
-    def num_corrupt(self) -> int:
-        return getattr(self.source, "num_corrupt", 0)
-
-    @property
-    def corrupt_indices(self) -> list[int]:
-        return getattr(self.source, "corrupt_indices", [])
