@@ -371,11 +371,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     os.makedirs(workdir, exist_ok=True)
     source = build_source(config)
     if classes_of(config, source) != config.head.num_classes:
-        print(f"pfc_jax.train: head.num_classes {config.head.num_classes} -> "
-              f"{source.num_classes}, the classes of {source!r}", file=sys.stderr)
+        if is_main:
+            print(f"pfc_jax.train: head.num_classes {config.head.num_classes} -> "
+                  f"{source.num_classes}, the classes of {source!r}", file=sys.stderr)
         config.head.num_classes = classes_of(config, source)
-    if is_main and hasattr(source, "truth"):  # injected noise: keep its ground truth
-        source.truth.save(os.path.join(workdir, NOISE_TRUTH))
+    if is_main and (config.data.noise.flip or config.data.noise.conflict):
+        from pfc_jax.data.noise import truth_of  # injected noise: keep its ground truth
+        truth_of(source).save(os.path.join(workdir, NOISE_TRUTH))
     from pfc_jax.data.sources import check_labels
     check_labels(source, config.head.num_classes)
 

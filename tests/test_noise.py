@@ -141,3 +141,24 @@ def test_keep_list_relabels_drops_empty_classes_and_refuses_other_data(tmp_path)
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a keep-list"):
         keep_lib.KeptRecords(src, str(tmp_path / "junk.npz"))
+
+
+def test_truth_follows_a_keep_list_over_a_noise_view(tmp_path):
+    src = _Labels(np.repeat(np.arange(10), 6), 10)
+    view = noise_lib.NoisyLabels(src, flip=0.3, conflict=0.2, seed=2)
+    t = view.truth
+    keep = np.ones(len(view), bool)
+    keep[view.labels() == t.twins[0, 1]] = False        # the first twin label empties
+    keep[::7] = False
+    keep_lib.write_keep_list(str(tmp_path / "k.npz"), view, keep)
+    kept = keep_lib.KeptRecords(view, str(tmp_path / "k.npz"))
+    sub = noise_lib.truth_of(kept)
+    np.testing.assert_array_equal(sub.flipped, t.flipped[kept.indices])
+    np.testing.assert_array_equal(sub.true_identity, t.true_identity[kept.indices])
+    np.testing.assert_array_equal(sub.noisy_label, kept.labels())
+    # twin pairs whose classes both survive, in the new labels; the emptied one is gone
+    expect = [[int(np.searchsorted(kept.old_class, a)), int(np.searchsorted(kept.old_class, b))]
+              for a, b in t.twins[1:]]
+    np.testing.assert_array_equal(sub.twins, np.array(expect).reshape(-1, 2))
+    assert noise_lib.truth_of(src) is None
+    assert noise_lib.truth_of(view) is t

@@ -144,3 +144,28 @@ class NoisyLabels(Relabeled):
     def __repr__(self) -> str:
         return (f"NoisyLabels({self.source!r}, flip={self.flip}, conflict={self.conflict}, "
                 f"seed={self.seed})")
+
+
+def truth_of(source: Any) -> NoiseTruth | None:
+    """The ground truth of the noise under ``source``, in ``source``'s own record
+    order and labels (a keep-list over a noise view keeps its records' truth, and
+    the twin pairs both of whose classes it kept, relabelled); None without noise."""
+    views = []
+    while source is not None and not isinstance(source, NoisyLabels):
+        views.append(source)
+        source = getattr(source, "source", None)
+    if source is None:
+        return None
+    t = source.truth
+    for view in reversed(views):  # innermost first
+        idx = getattr(view, "indices", None)
+        if idx is None:
+            continue
+        old = np.asarray(view.old_class)
+        pos = np.searchsorted(old, t.twins).clip(0, max(len(old) - 1, 0))
+        both = (old[pos] == t.twins).all(axis=1) if len(old) else np.zeros(len(t.twins), bool)
+        t = NoiseTruth(true_identity=t.true_identity[idx], clean_label=t.clean_label[idx],
+                       noisy_label=view.labels(), flipped=t.flipped[idx],
+                       twins=pos[both].astype(np.int64), num_classes=view.num_classes,
+                       source_classes=t.source_classes)
+    return t
