@@ -150,7 +150,8 @@ def main():
             if "_clean_from" in spec:
                 from pfc_jax import clean
                 report = clean.clean(os.path.join(args.out, spec["_clean_from"]),
-                                     os.path.join(args.out, name + "_keep"), angle=args.angle,
+                                     os.path.join(args.out, name + "_keep"),
+                                     angle=180.0 if "_mad" in spec else args.angle,
                                      mad=spec.get("_mad"), batch_size=64)
                 log(clean.format_report(report) + f"\n  ({time.time() - t0:.0f} s)")
                 row["clean"] = {k: report[k] for k in (
