@@ -119,20 +119,27 @@ def build_source(config, *, held_out: bool = False):
         if d.kind == "tfds":
             kw["split"] = d.tfds_split
         src = open_source(d.kind, d.path, **kw)
-    if d.noise.flip or d.noise.conflict:
+    noise = _noise(config)
+    if noise["flip"] or noise["conflict"]:
         from pfc_jax.data.noise import NoisyLabels
-        src = NoisyLabels(src, flip=d.noise.flip, conflict=d.noise.conflict,
-                          seed=d.noise.seed)
-    if d.keep_list:
+        src = NoisyLabels(src, **noise)
+    if d.get("keep_list"):
         from pfc_jax.data.keep import KeptRecords
         src = KeptRecords(src, d.keep_list)
     return src
 
 
+def _noise(config) -> dict:
+    """``data.noise`` (absent from the config.json of runs older than it: no noise)."""
+    n = config.data.get("noise") or {}
+    return dict(flip=float(n.get("flip", 0.0)), conflict=float(n.get("conflict", 0.0)),
+                seed=int(n.get("seed", 0)))
+
+
 def classes_of(config, source) -> int:
     """The head's class count: the recipe's, or the view's when noise or a keep-list
     changes it (conflict noise adds twin labels; cleaning drops and re-indexes)."""
-    if config.data.keep_list or config.data.noise.conflict:
+    if config.data.get("keep_list") or _noise(config)["conflict"]:
         return int(source.num_classes)
     return int(config.head.num_classes)
 
@@ -375,7 +382,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             print(f"pfc_jax.train: head.num_classes {config.head.num_classes} -> "
                   f"{source.num_classes}, the classes of {source!r}", file=sys.stderr)
         config.head.num_classes = classes_of(config, source)
-    if is_main and (config.data.noise.flip or config.data.noise.conflict):
+    if is_main and (_noise(config)["flip"] or _noise(config)["conflict"]):
         from pfc_jax.data.noise import truth_of  # injected noise: keep its ground truth
         truth_of(source).save(os.path.join(workdir, NOISE_TRUTH))
     from pfc_jax.data.sources import check_labels

@@ -306,3 +306,12 @@ def _csv(path):
     import csv
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_workdir_configs_from_before_noise_existed_build_a_plain_source():
+    import ml_collections
+    d = json.loads(_config().to_json_best_effort())
+    del d["data"]["noise"], d["data"]["keep_list"]
+    old = ml_collections.ConfigDict(d)
+    src = train.build_source(old)
+    assert type(src).__name__ == "SyntheticFaces" and train.classes_of(old, src) == 64
