@@ -231,16 +231,16 @@ class BatchReader:
         self.num_batches = -(-self.n // self.batch)
         self.sharding = mesh_lib.batch_sharding(mesh)
         shape = (self.batch, *self.image_shape)
-        self._slices = [s[0] for s in self.sharding.addressable_devices_indices_map(
-            shape).values()]
+        slices = [s[0] for s in self.sharding.addressable_devices_indices_map(shape).values()]
+        # the rows of each batch that this process's devices hold
+        self._rows = sorted({r for s in slices for r in range(*s.indices(self.batch))})
         self._pool = concurrent.futures.ThreadPoolExecutor(threads)
 
     def _read(self, b: int):
         lo = b * self.batch
-        rows = sorted({r for s in self._slices for r in range(*s.indices(self.batch))})
         images = np.zeros((self.batch, *self.image_shape), np.uint8)
         labels = np.full((self.batch,), -1, np.int32)
-        want = [r for r in rows if lo + r < self.n]
+        want = [r for r in self._rows if lo + r < self.n]
 
         def one(r):
             ex = self.source[lo + r]

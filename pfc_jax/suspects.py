@@ -111,9 +111,9 @@ def duplicate_pairs(result: dict, table: jax.Array, threshold: float) -> dict:
     order = np.argsort(-cc[keep], kind="stable")
     p = pairs[keep][order]
     return dict(pairs=p, centre_cos=cc[keep][order],
-                frac_a=(from_lo[keep][order] / np.maximum(sizes[p[:, 0]], 1)) if len(p) else
-                np.zeros(0), frac_b=(from_hi[keep][order] / np.maximum(sizes[p[:, 1]], 1))
-                if len(p) else np.zeros(0), candidates=int(len(pairs)))
+                frac_a=from_lo[keep][order] / np.maximum(sizes[p[:, 0]], 1),
+                frac_b=from_hi[keep][order] / np.maximum(sizes[p[:, 1]], 1),
+                candidates=int(len(pairs)))
 
 
 def find(workdir: str, out: str, *, duplicate_cos: float = DEFAULT_DUPLICATE_COS,

@@ -382,7 +382,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             print(f"pfc_jax.train: head.num_classes {config.head.num_classes} -> "
                   f"{source.num_classes}, the classes of {source!r}", file=sys.stderr)
         config.head.num_classes = classes_of(config, source)
-    if is_main and (_noise(config)["flip"] or _noise(config)["conflict"]):
+    noise = _noise(config)
+    if is_main and (noise["flip"] or noise["conflict"]):
         from pfc_jax.data.noise import truth_of  # injected noise: keep its ground truth
         truth_of(source).save(os.path.join(workdir, NOISE_TRUTH))
     from pfc_jax.data.sources import check_labels
