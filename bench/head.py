@@ -52,7 +52,9 @@ def child(cfg: dict) -> dict:
     mesh = mesh_lib.make_mesh()
     head_cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, sample_rate=r,
                              update=cfg["update"], sampler=cfg["sampler"],
-                             matmul_dtype=cfg.get("matmul", "float32"))
+                             matmul_dtype=cfg.get("matmul", "float32"),
+                             softmax=cfg.get("softmax", "auto"),
+                             fused_update=cfg.get("fused", True))
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     head = pf.PartialFC(head_cfg, mesh, tx)
     state = head.init(jax.random.key(0))
@@ -83,6 +85,18 @@ def child(cfg: dict) -> dict:
 
     one_step(0)  # warm
     step_s, _ = timed(cfg["steps"], one_step)
+    plan, block = head.softmax_plan(B)
+    # Table and its optimizer rows, all devices together (what the head must hold).
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    del state
+    rss_steps = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    extra = dict(softmax_plan=plan, block=block, fused=head.fuses_update(B),
+                 state_gib=state_bytes / GIB, rss_steps_gib=rss_steps)
+    if not cfg.get("bare", True):  # the big rows: no room for a second copy of the shapes
+        return dict(cfg, **extra, ns=head.num_sampled(B), step_s=step_s, compile_s=compile_s,
+                    arg_gib=ma.argument_size_in_bytes / GIB, temp_gib=ma.temp_size_in_bytes / GIB,
+                    out_gib=ma.output_size_in_bytes / GIB, alias_gib=ma.alias_size_in_bytes / GIB,
+                    rss_ready_gib=rss_ready, rss_peak_gib=rss_steps)
 
     # Bare matmuls with the step's shapes, split the same way over the mesh.
     ns = head.num_sampled(B)
@@ -111,7 +125,7 @@ def child(cfg: dict) -> dict:
     flops = 6.0 * B * n_dev * n_cols * D
 
     table_bytes = 4 * head.padded_classes * head_cfg.num_subcenters * D // n_dev
-    return dict(cfg, ns=ns, step_s=step_s, compile_s=compile_s, bare_s=bare_s,
+    return dict(cfg, **extra, ns=ns, step_s=step_s, compile_s=compile_s, bare_s=bare_s,
                 gflops_step=flops / step_s / 1e9, gflops_bare=flops / bare_s / 1e9,
                 arg_gib=ma.argument_size_in_bytes / GIB, out_gib=ma.output_size_in_bytes / GIB,
                 alias_gib=ma.alias_size_in_bytes / GIB, temp_gib=ma.temp_size_in_bytes / GIB,
@@ -178,9 +192,42 @@ def torch_child(cfg: dict) -> dict:
 def run(cfg: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
                          capture_output=True, text=True)
+    if out.returncode < 0:
+        return dict(cfg, error=f"killed by signal {-out.returncode} (out of memory?)")
     if out.returncode:
         return dict(cfg, error=(out.stderr.strip().splitlines() or ["?"])[-1])
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _plan(res: dict) -> str:
+    plan = res.get("softmax_plan", "?")
+    if plan == "blockwise":
+        return f"blk{res['block']}" + ("+f" if res.get("fused") else "")
+    return plan
+
+
+def full_softmax_rows(base: dict) -> None:
+    """r = 1 at C = 1M and 2M: peak memory against the table and its optimizer state."""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"D={base['dim']}, B=128, r=1, SGD momentum + weight decay")
+    print(f"{'classes':>9} {'devices':>7} {'softmax':>11} {'step s':>8} {'temp GiB/dev':>12} "
+          f"{'table+state GiB':>15} {'RSS peak GiB':>12} {'peak / (table+state)':>20}")
+    rows = []
+    for C in (1_000_000, 2_000_000):
+        for n in sorted({base["devices"], 1}, reverse=True):
+            rows.append(dict(base, devices=n, classes=C, batch=128, rate=1.0, steps=2, bare=False))
+            if C == 1_000_000:  # today's whole logits, for comparison (2M does not fit)
+                rows.append(dict(rows[-1], softmax="full", fused=False))
+    for cfg in rows:
+        res = run(cfg)
+        label = "whole" if cfg.get("softmax") == "full" else "auto"
+        if "error" in res:
+            print(f"{cfg['classes']:>9} {cfg['devices']:>7} {label:>11} failed: {res['error']}",
+                  flush=True)
+            continue
+        print(f"{res['classes']:>9} {res['devices']:>7} {_plan(res):>11} {res['step_s']:>8.2f} "
+              f"{res['temp_gib']:>12.3f} {res['state_gib']:>15.2f} {res['rss_peak_gib']:>12.2f} "
+              f"{res['rss_peak_gib'] / res['state_gib']:>20.3f}", flush=True)
 
 
 def main():
@@ -190,6 +237,9 @@ def main():
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--full-softmax", action="store_true",
+                    help="only the full-softmax memory rows: C = 1M and 2M at r = 1 on "
+                         "--devices and on 1 device, today's whole logits beside blockwise")
     args = ap.parse_args()
     if args.child:
         cfg = json.loads(args.child)
@@ -197,6 +247,8 @@ def main():
         return
 
     base = dict(devices=args.devices, dim=args.dim, update="lazy", sampler="select")
+    if args.full_softmax:
+        return full_softmax_rows(base)
     big = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
     rows = []
     for C in big:
@@ -204,6 +256,8 @@ def main():
         rows.append(dict(base, classes=C, batch=128, rate=1.0, steps=steps))
         rows.append(dict(base, classes=C, batch=128, rate=0.1, steps=steps + 2))
     C = big[-1]
+    # Today's whole [B, Ns] logits and gathered rows at r = 1, beside the automatic plan.
+    rows.append(dict(base, classes=C, batch=128, rate=1.0, softmax="full", fused=False, steps=2))
     # Same Ns as the smaller class count at r = 0.1: temporaries must not grow with C.
     rows.append(dict(base, classes=C, batch=128, rate=0.1 * big[0] / C, steps=4))
     rows.append(dict(base, classes=C, batch=128, rate=0.1, update="dense", steps=3))
@@ -221,7 +275,8 @@ def main():
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{args.devices} emulated CPU devices; D={args.dim}")
-    hdr = (f"{'classes':>9} {'B':>4} {'r':>5} {'update':>6} {'sampler':>7} {'Ns/dev':>7} "
+    hdr = (f"{'classes':>9} {'B':>4} {'r':>5} {'update':>6} {'sampler':>7} {'softmax':>9} "
+           f"{'Ns/dev':>7} "
            f"{'step s':>8} {'GF/s':>7} {'bare GF/s':>9} {'eff':>5} {'temp GiB':>8} "
            f"{'args GiB':>8} {'table GiB':>9} {'RSS pk GiB':>10}")
     print(hdr)
@@ -233,7 +288,7 @@ def main():
             print(f"{cfg['classes']:>9} {cfg['batch']:>4} {cfg['rate']:>4} failed: {res['error']}")
             continue
         print(f"{res['classes']:>9} {res['batch']:>4} {res['rate']:>5.3g} {res['update']:>6} "
-              f"{res['sampler']:>7} {res['ns']:>7} {res['step_s']:>8.3f} "
+              f"{res['sampler']:>7} {_plan(res):>9} {res['ns']:>7} {res['step_s']:>8.3f} "
               f"{res['gflops_step']:>7.1f} {res['gflops_bare']:>9.1f} "
               f"{res['gflops_step'] / res['gflops_bare']:>5.2f} {res['temp_gib']:>8.3f} "
               f"{res['arg_gib']:>8.3f} {res['table_gib']:>9.3f} {res['rss_peak_gib']:>10.2f}",
@@ -255,8 +310,14 @@ def main():
 
     print("\nratios")
     C = big[-1]
-    full, part = find(classes=C, batch=128, rate=1.0), find(classes=C, batch=128, rate=0.1,
-                                                           update="lazy", sampler="select")
+    full = find(classes=C, batch=128, rate=1.0, softmax=None)
+    part = find(classes=C, batch=128, rate=0.1, update="lazy", sampler="select")
+    whole = find(classes=C, batch=128, rate=1.0, softmax="full")
+    if full and whole:
+        print(f"  C={C} r=1: blockwise+fused / whole-logits step time {full['step_s'] / whole['step_s']:6.2f}x, "
+              f"temporaries {full['temp_gib'] / whole['temp_gib']:6.3f}x, "
+              f"peak RSS {full['rss_peak_gib']:.2f} vs {whole['rss_peak_gib']:.2f} GiB "
+              f"(table + state {full['state_gib']:.2f} GiB)")
     if full and part:
         print(f"  C={C}: r=0.1 vs r=1 speed-up            {full['step_s'] / part['step_s']:6.2f}x"
               "  (goal >= 4)")

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
         sample_rate=1.0, scale=64.0, margins=ARCFACE, num_subcenters=1,
         grad_mode="exact", filter_threshold=0.0, filter_mode="mask",
         matmul_dtype="float32", row_update="lazy", sampler="select",
+        # the shard's softmax: whole, or in blocks once [batch, sampled] logits
+        # pass the budget; with lazy updates the rows update inside its backward
+        softmax="auto", block_size=0, logits_budget_mib=16.0, fused_update=True,
     ))
 
     c.data = ml_collections.ConfigDict(dict(

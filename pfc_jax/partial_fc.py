@@ -25,6 +25,13 @@ One step, all under one ``jax.jit``:
 5. the optax update of the touched rows only (``lazy``) or of the whole
    table (``dense``), written back in place into the donated table.
 
+Past ``logits_budget_mib`` the shard's softmax runs in blocks of sampled
+columns (``softmax_ce.ShardCE.blockwise``: online log-sum-exp, recomputing
+backward), so no ``[B_global, Ns]`` array exists; with lazy updates, steps
+2-5 then fuse (``fused_step``): each block's rows are read from the table,
+differentiated and updated in place inside the backward loop, and the step
+needs the table, its optimizer state and a few blocks more.
+
 Sampling. Negatives are the ``k`` smallest of i.i.d. uniform 32-bit keys
 among a shard's eligible classes. The ``k``-th smallest key is found by a
 32-step bisection over the key range (each step one masked count over the
@@ -50,13 +57,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pfc_jax import mesh as mesh_lib
-from pfc_jax import sparse
+from pfc_jax import softmax_ce, sparse
 from pfc_jax.margins import Margin
 
 FILTER_MODES = ("mask", "zero")
 SAMPLERS = ("select", "topk")
 MATMUL_DTYPES = ("float32", "bfloat16")
-_NORM_EPS = 1e-12
+SOFTMAX_MODES = ("auto", "full", "blockwise")
+_NORM_EPS = softmax_ce.NORM_EPS
 _INIT_BLOCK_ROWS = 4096
 # Per-sample statistics returned by the step, each [B] and sharded like the batch.
 SAMPLE_STATS = ("loss", "target_cos", "max_neg_cos", "target_is_max", "label_ok")
@@ -79,6 +87,10 @@ class HeadConfig:
     update: str = "lazy"
     sampler: str = "select"
     init_std: float = 0.01
+    softmax: str = "auto"          # full | blockwise | auto (blockwise past the budget)
+    block_size: int = 0            # columns per block; 0 = from logits_budget_mib
+    logits_budget_mib: float = 16.0  # per-shard logits (or one block of them) in float32
+    fused_update: bool = True      # blockwise + lazy: update rows inside the backward
 
     def validate(self) -> None:
         def need(ok: bool, msg: str):
@@ -106,6 +118,12 @@ class HeadConfig:
              f"update {self.update!r} is not one of {sparse.UPDATE_MODES}")
         need(self.sampler in SAMPLERS, f"sampler {self.sampler!r} is not one of {SAMPLERS}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        need(self.softmax in SOFTMAX_MODES,
+             f"softmax {self.softmax!r} is not one of {SOFTMAX_MODES}")
+        need(isinstance(self.block_size, (int, np.integer)) and self.block_size >= 0,
+             f"block_size must be an integer >= 0 (0 = automatic), got {self.block_size!r}")
+        need(self.logits_budget_mib > 0,
+             f"logits_budget_mib must be > 0, got {self.logits_budget_mib!r}")
         self.margin  # validates m1, m2, m3 and grad_mode
 
     @property
@@ -179,8 +197,8 @@ class PartialFC:
     ``step(state, embeddings, labels, rng) -> (state, embedding_grads, stats)``
     is the jitted, donating head step; ``apply`` is the same function
     un-jitted, for use inside a larger jitted train step; ``sample``,
-    ``loss`` and ``RowOps`` are the pieces, for gradient accumulation and
-    tests.
+    ``loss``, ``update``, ``fused_step`` and ``RowOps`` are the pieces, for
+    gradient accumulation and tests.
     """
 
     def __init__(self, config: HeadConfig, mesh: Mesh,
@@ -239,16 +257,24 @@ class PartialFC:
         row_shape = self.table_shape[1:]
 
         def shard_rows(rng):
-            # Row by row from fold_in(rng, row id), in blocks, so that the
-            # temporaries stay a small fraction of the shard.
+            # Row by row from fold_in(rng, row id), a block of rows at a time
+            # written in place into the shard (the last block re-writes some
+            # rows with their same values), so the only temporary is one block.
             first = lax.axis_index(self.head_axes) * cl
+            blk = min(cl, _INIT_BLOCK_ROWS)
 
             def one_row(row):
                 w = std * jax.random.normal(jax.random.fold_in(rng, row), row_shape)
                 return jnp.where(row < c, w, 0.0)
 
-            rows = first + jnp.arange(cl)
-            return lax.map(one_row, rows, batch_size=min(cl, _INIT_BLOCK_ROWS))
+            def block(i, w):
+                start = jnp.minimum(i * blk, cl - blk)
+                rows = jax.vmap(one_row)(first + start + jnp.arange(blk))
+                return lax.dynamic_update_slice_in_dim(w, rows, start, 0)
+
+            w0 = lax.pcast(jnp.zeros((cl, *row_shape), jnp.float32), self.head_axes,
+                           to="varying")
+            return lax.fori_loop(0, -(-cl // blk), block, w0)
 
         w = jax.shard_map(shard_rows, mesh=self.mesh, in_specs=P(),
                           out_specs=self._head_spec)(rng)
@@ -316,26 +342,17 @@ class PartialFC:
         """Mean margin softmax CE over the sampled classes, and per-sample stats.
 
         Differentiable in ``rows`` ([P * Ns, K, D], split over the head axes)
-        and ``embeddings`` ([B, D], split over the batch).
+        and ``embeddings`` ([B, D], split over the batch). The softmax is
+        computed whole or blockwise as ``softmax_plan`` says.
         """
-        cfg, cl = self.config, self.local_classes
         ns = idx.shape[0] // self.num_shards
         global_batch = labels.shape[0]
-        head_axes, all_axes = self.head_axes, self.batch_axes
-        shard_ce = self._shard_softmax_ce(ns)
+        shard_ce = self._shard_softmax_ce(ns, global_batch)
 
         def body(rows, idx, x_local, y_local):
-            x = lax.all_gather(x_local, head_axes, tiled=True)  # this group's batch
-            y = lax.all_gather(y_local, head_axes, tiled=True)
-            shard = lax.axis_index(head_axes)
-            local = y - shard * cl
-            label_ok = (y >= 0) & (y < cfg.num_classes)
-            here = label_ok & (local >= 0) & (local < cl)
-            slot_of = jnp.full((cl,), -1, jnp.int32).at[idx].set(
-                jnp.arange(ns, dtype=jnp.int32), mode="drop")
-            tslot = jnp.where(here, slot_of[jnp.clip(local, 0, cl - 1)], -1)
-            loss_own, stats = shard_ce(rows, x, tslot, idx < cl, label_ok)
-            loss = lax.psum(jnp.sum(loss_own), all_axes) / global_batch
+            x, tslot, label_ok = self._group_targets(idx, x_local, y_local)
+            loss_own, stats = shard_ce(rows, x, tslot, idx < self.local_classes, label_ok)
+            loss = lax.psum(jnp.sum(loss_own), self.batch_axes) / global_batch
             return loss, dict(stats, loss=loss_own)
 
         x = _normalize(embeddings.astype(jnp.float32))
@@ -345,109 +362,67 @@ class PartialFC:
             in_specs=(self._head_spec, self._head_spec, self._batch_spec, self._batch_spec),
             out_specs=(P(), stats_spec))(rows, idx, x, labels)
 
-    def _shard_softmax_ce(self, ns: int):
-        """Per-shard logits + cross-shard softmax CE, with a hand-written backward.
+    def _group_targets(self, idx, x_local, y_local):
+        """Inside shard_map: the group's embeddings, each one's target slot here, label_ok."""
+        cfg, cl = self.config, self.local_classes
+        ns = idx.shape[0]
+        x = lax.all_gather(x_local, self.head_axes, tiled=True)  # this group's batch
+        y = lax.all_gather(y_local, self.head_axes, tiled=True)
+        local = y - lax.axis_index(self.head_axes) * cl
+        label_ok = (y >= 0) & (y < cfg.num_classes)
+        here = label_ok & (local >= 0) & (local < cl)
+        slot_of = jnp.full((cl,), -1, jnp.int32).at[idx].set(
+            jnp.arange(ns, dtype=jnp.int32), mode="drop")
+        tslot = jnp.where(here, slot_of[jnp.clip(local, 0, cl - 1)], -1)
+        return x, tslot, label_ok
 
-        Runs inside shard_map. ``rows [Ns, K, D]`` (raw centres), ``x [Bg, D]``
-        (normalised embeddings of the group), ``tslot [Bg]`` (target's slot on
-        this shard or -1), ``valid [Ns]``, ``label_ok [Bg]``. Returns this
-        shard's own slice ``[Bg / H]`` of the per-sample loss and stats (the
-        rows whose embeddings this device holds). The backward pass recomputes the softmax from the saved
-        cosines: one element-wise pass over ``[Bg, Ns]`` and two matmuls,
-        with no normalised copy of the rows ever materialised.
+    def softmax_plan(self, global_batch: int) -> tuple[str, int]:
+        """("full" | "blockwise", columns per block) for a global batch size.
+
+        A shard's logits are ``[Bg, Ns * K]`` with ``Bg`` its group's batch
+        (the global batch over the replica groups). ``auto`` keeps them whole
+        while they fit in ``logits_budget_mib``, and otherwise takes blocks
+        of that size (a multiple of 128 columns when there is room), so the
+        temporaries stay flat however the global batch grows. A block's rows
+        ``[cols * K, D]`` are held to the same budget.
         """
-        cfg, head_axes = self.config, self.head_axes
-        replica_axes = tuple(a for a in self.batch_axes if a not in head_axes)
-        mm = jnp.dtype(cfg.matmul_dtype)
-        s, margin, k_sub = float(cfg.scale), self.margin, cfg.num_subcenters
-        thr, zero_mode = cfg.filter_threshold, cfg.filter_mode == "zero"
-        n_head = self.num_shards
+        cfg = self.config
+        ns = self.num_sampled(global_batch)
+        group_batch = global_batch * self.num_shards // self.mesh.size
+        budget = int(cfg.logits_budget_mib * 2**20) // 4  # float32 elements
+        # A block holds [Bg, cols * K] logits and [cols * K, D] rows (and their
+        # gradient and optimizer rows when fused): both within the budget.
+        width = max(group_batch, cfg.embedding_dim) * cfg.num_subcenters
+        cols = max(1, budget // width)
+        if cfg.block_size:
+            block = cfg.block_size
+        else:
+            block = cols // 128 * 128 if cols >= 256 else cols
+        block = max(1, min(block, ns))
+        kind = cfg.softmax
+        if kind == "auto":
+            kind = "full" if group_batch * ns * cfg.num_subcenters <= budget else "blockwise"
+        return kind, (ns if kind == "full" else block)
 
-        def logits(cos, c_t, phi, is_t, neg):
-            """Masked logits z from clipped cosines; also the filtered-to-zero mask."""
-            keep, zeroed = neg, jnp.zeros_like(neg)
-            if thr > 0:
-                dirty = neg & (cos > thr)
-                if zero_mode:
-                    cos, zeroed = jnp.where(dirty, 0.0, cos), dirty
-                else:
-                    keep = neg & ~dirty
-            z = jnp.where(is_t, s * phi[:, None], s * cos)
-            return jnp.where(keep | is_t, z, -jnp.inf), keep, zeroed
+    def fuses_update(self, global_batch: int) -> bool:
+        """Whether ``apply`` does the row update inside the blockwise backward."""
+        return (self.config.fused_update and self.config.update == "lazy"
+                and self.softmax_plan(global_batch)[0] == "blockwise")
 
-        def forward(rows, x, tslot, valid, label_ok):
-            flat_rows = rows.reshape(ns * k_sub, -1)
-            sq = jnp.einsum("nd,nd->n", flat_rows, flat_rows).reshape(ns, k_sub)
-            inv_w = lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
-            raw = jnp.dot(x.astype(mm), flat_rows.astype(mm).T,
-                          preferred_element_type=jnp.float32)
-            cos_k = raw.reshape(x.shape[0], ns, k_sub) * inv_w[None]
-            kstar = jnp.argmax(cos_k, axis=-1).astype(jnp.int8) if k_sub > 1 else None
-            cos_pre = jnp.max(cos_k, axis=-1) if k_sub > 1 else cos_k[..., 0]
-            cos = jnp.clip(cos_pre, -1.0, 1.0)
-            is_t = jnp.arange(ns)[None, :] == tslot[:, None]
-            has_t = tslot >= 0
-            neg = valid[None, :] & ~is_t
-            c_t = jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
-            phi = margin(c_t)
-            z, keep, _ = logits(cos, c_t, phi, is_t, neg)
-            row_max = lax.pmax(jnp.max(z, axis=-1), head_axes)
-            row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-            sum_exp = lax.psum(jnp.sum(jnp.exp(z - row_max[:, None]), axis=-1), head_axes)
-            target = lax.psum(jnp.where(has_t, s * phi, 0.0), head_axes)
-            log_z = jnp.log(jnp.maximum(sum_exp, 1e-30)) + row_max
-            loss_i = jnp.where(label_ok, log_z - target, 0.0)
-            neg_max = lax.pmax(jnp.max(jnp.where(keep, z, -jnp.inf), axis=-1), head_axes)
-            stats = dict(
-                target_cos=lax.psum(jnp.where(has_t, c_t, 0.0), head_axes),
-                max_neg_cos=lax.pmax(jnp.max(jnp.where(neg, cos, -2.0), axis=-1), head_axes),
-                target_is_max=label_ok & (target >= neg_max), label_ok=label_ok)
-            b = x.shape[0] // n_head
-            own = lambda a: lax.dynamic_slice_in_dim(  # noqa: E731
-                a, lax.axis_index(head_axes) * b, b)
-            residuals = (rows, x, tslot, valid, label_ok, inv_w, cos_pre, kstar, log_z)
-            return (own(loss_i), {k: own(v) for k, v in stats.items()}), residuals
+    def _kernel(self, ns: int) -> softmax_ce.ShardCE:
+        cfg = self.config
+        return softmax_ce.ShardCE(
+            ns=ns, num_subcenters=cfg.num_subcenters, scale=float(cfg.scale),
+            margin=self.margin, filter_threshold=cfg.filter_threshold,
+            zero_mode=cfg.filter_mode == "zero", matmul_dtype=cfg.matmul_dtype,
+            head_axes=self.head_axes,
+            replica_axes=tuple(a for a in self.batch_axes if a not in self.head_axes),
+            num_head_shards=self.num_shards)
 
-        def backward(residuals, cotangents):
-            rows, x, tslot, valid, label_ok, inv_w, cos_pre, kstar, log_z = residuals
-            # Each shard returned its own slice of the group's rows; the loss of
-            # every row depends on every shard's logits.
-            d_loss = lax.all_gather(cotangents[0], head_axes, tiled=True)
-            d_loss = jnp.where(label_ok, d_loss, 0.0)
-            cos = jnp.clip(cos_pre, -1.0, 1.0)
-            is_t = jnp.arange(ns)[None, :] == tslot[:, None]
-            neg = valid[None, :] & ~is_t
-            c_t = jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
-            phi, dphi = jax.jvp(margin, (c_t,), (jnp.ones_like(c_t),))
-            z, _, zeroed = logits(cos, c_t, phi, is_t, neg)
-            d_z = d_loss[:, None] * (jnp.exp(z - log_z[:, None]) - is_t)
-            d_cos = s * d_z * jnp.where(is_t, dphi[:, None], jnp.where(zeroed, 0.0, 1.0))
-            d_cos = jnp.where((cos_pre > -1.0) & (cos_pre < 1.0), d_cos, 0.0)
-            if k_sub > 1:
-                pick = kstar[..., None] == jnp.arange(k_sub, dtype=jnp.int8)
-                d_cos_k = jnp.where(pick, d_cos[..., None], 0.0)
-            else:
-                d_cos_k = d_cos[..., None]
-            d_raw = d_cos_k * inv_w[None]                    # [Bg, Ns, K]
-            flat_rows = rows.reshape(ns * k_sub, -1)
-            d_raw_flat = d_raw.reshape(x.shape[0], ns * k_sub)
-            d_x = jnp.dot(d_raw_flat.astype(mm), flat_rows.astype(mm),
-                          preferred_element_type=jnp.float32)
-            d_rows = jnp.dot(d_raw_flat.astype(mm).T, x.astype(mm),
-                             preferred_element_type=jnp.float32).reshape(rows.shape)
-            # Through the row normalisation: d cos / d w = (x - cos w_hat) / |w|.
-            radial = jnp.sum(d_raw * cos_pre[..., None], axis=0) * inv_w  # not a matmul
-            d_rows = d_rows - rows * radial[..., None]
-            if replica_axes:  # rows are shared by the groups: sum their gradients
-                d_rows = lax.psum(d_rows, replica_axes)
-            return d_rows.astype(rows.dtype), d_x.astype(x.dtype), None, None, None
-
-        @jax.custom_vjp
-        def shard_ce(rows, x, tslot, valid, label_ok):
-            return forward(rows, x, tslot, valid, label_ok)[0]
-
-        shard_ce.defvjp(forward, backward)
-        return shard_ce
+    def _shard_softmax_ce(self, ns: int, global_batch: int):
+        kind, block = self.softmax_plan(global_batch)
+        kernel = self._kernel(ns)
+        return kernel.full() if kind == "full" else kernel.blockwise(block)
 
     # ------------------------------------------------------------------ step
     def loss_and_grads(self, centers, embeddings, labels, rng):
@@ -469,11 +444,56 @@ class PartialFC:
                 self.tx, self.ops, state.centers, state.opt_state, idx, row_grads, rows)
         return HeadState(centers, opt_state)
 
+    def fused_step(self, state: HeadState, idx, embeddings, labels):
+        """Loss, embedding gradient and the lazy row update in one blockwise pass.
+
+        Equal to ``loss`` + its gradients + ``update`` (lazy), for the mean
+        loss over the batch, without gathering the sampled rows, their
+        gradients or their optimizer state beyond one block at a time.
+        Returns ``(loss, stats, embedding_grads, state, row_grad_norm)``.
+        """
+        ns = idx.shape[0] // self.num_shards
+        global_batch = labels.shape[0]
+        _, block = self.softmax_plan(global_batch)
+        leaves, treedef = jax.tree.flatten(state.opt_state)
+        is_row = [tuple(leaf.shape) == self.table_shape for leaf in leaves]
+        step = self._kernel(ns).fused_update(block, self.tx, self.local_classes, is_row,
+                                             treedef)
+
+        def body(table, leaves, idx, x_local, y_local):
+            x, tslot, label_ok = self._group_targets(idx, x_local, y_local)
+            d_loss = jnp.full(label_ok.shape, 1.0 / global_batch, jnp.float32)
+            (loss_own, stats), d_x, table, leaves, gsq = step(
+                table, leaves, idx, x, tslot, idx < self.local_classes, label_ok, d_loss)
+            loss = lax.psum(jnp.sum(loss_own), self.batch_axes) / global_batch
+            # The all-gather's transpose: each device keeps its rows' gradient.
+            d_x = lax.psum_scatter(d_x, self.head_axes, scatter_dimension=0, tiled=True)
+            gsq = lax.psum(gsq, self.head_axes)  # rows are whole per shard after psum
+            return loss, dict(stats, loss=loss_own), d_x, table, leaves, gsq
+
+        x, norm_vjp = jax.vjp(_normalize, embeddings.astype(jnp.float32))
+        leaf_specs = [self._head_spec if r else P() for r in is_row]
+        stats_spec = {name: self._batch_spec for name in SAMPLE_STATS}
+        loss, stats, d_x, centers, leaves, gsq = jax.shard_map(
+            body, mesh=self.mesh,
+            in_specs=(self._head_spec, leaf_specs, self._head_spec, self._batch_spec,
+                      self._batch_spec),
+            out_specs=(P(), stats_spec, self._batch_spec, self._head_spec, leaf_specs, P()),
+        )(state.centers, leaves, idx, x, labels)
+        (emb_grads,) = norm_vjp(d_x)
+        new_state = HeadState(centers, jax.tree.unflatten(treedef, leaves))
+        return loss, stats, emb_grads.astype(embeddings.dtype), new_state, jnp.sqrt(gsq)
+
     def apply(self, state: HeadState, embeddings, labels, rng):
         """One head step (un-jitted): returns (state, embedding_grads, stats)."""
-        loss, stats, emb_grads, row_grads, rows, idx = self.loss_and_grads(
-            state.centers, embeddings, labels, rng)
-        state = self.update(state, idx, row_grads, rows)
+        if self.fuses_update(labels.shape[0]):
+            self.check_batch(embeddings, labels)
+            idx = self.sample(labels, rng)
+            loss, stats, emb_grads, state, _ = self.fused_step(state, idx, embeddings, labels)
+        else:
+            loss, stats, emb_grads, row_grads, rows, idx = self.loss_and_grads(
+                state.centers, embeddings, labels, rng)
+            state = self.update(state, idx, row_grads, rows)
         stats = dict(stats, mean_loss=loss,
                      num_bad_labels=jnp.sum(~stats["label_ok"], dtype=jnp.int32))
         return state, emb_grads, stats

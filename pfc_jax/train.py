@@ -95,7 +95,8 @@ def head_config(config) -> pf.HeadConfig:
         scale=float(h.scale), margins=tuple(float(m) for m in h.margins),
         grad_mode=h.grad_mode, filter_threshold=float(h.filter_threshold),
         filter_mode=h.filter_mode, matmul_dtype=h.matmul_dtype, update=h.row_update,
-        sampler=h.sampler)
+        sampler=h.sampler, softmax=h.softmax, block_size=int(h.block_size),
+        logits_budget_mib=float(h.logits_budget_mib), fused_update=bool(h.fused_update))
 
 
 def build_source(config, *, held_out: bool = False):
@@ -210,8 +211,8 @@ class Trainer:
         return self.model.apply({"params": params, "batch_stats": batch_stats},
                                 normalize(images), train=False)
 
-    def _micro(self, params, batch_stats, rows, idx, images, labels, key):
-        """One micro-batch: loss, stats and gradients for backbone and sampled rows."""
+    def _forward(self, params, batch_stats, images, key):
+        """Backbone forward in training mode: embeddings, their VJP, new BN statistics."""
 
         def forward(p):
             emb, updates = self.model.apply(
@@ -220,10 +221,15 @@ class Trainer:
             return emb, updates
 
         emb, backbone_vjp, updates = jax.vjp(forward, params, has_aux=True)
+        return emb, backbone_vjp, updates.get("batch_stats", batch_stats)
+
+    def _micro(self, params, batch_stats, rows, idx, images, labels, key):
+        """One micro-batch: loss, stats and gradients for backbone and sampled rows."""
+        emb, backbone_vjp, batch_stats = self._forward(params, batch_stats, images, key)
         (loss, stats), (row_grads, emb_grads) = jax.value_and_grad(
             self.head.loss, argnums=(0, 2), has_aux=True)(rows, idx, emb, labels)
         (grads,) = backbone_vjp(emb_grads.astype(emb.dtype))
-        return loss, stats, grads, row_grads, updates.get("batch_stats", batch_stats)
+        return loss, stats, grads, row_grads, batch_stats
 
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         n_acc = self.config.grad_accum_steps
@@ -234,6 +240,18 @@ class Trainer:
         images, labels = batch["image"], batch["label"].astype(jnp.int32)
         valid = batch["valid"]
         idx = self.head.sample(labels, k_sample)  # one class set for all micro-batches
+        if n_acc == 1 and self.head.fuses_update(labels.shape[0]):
+            # The rows are updated inside the head's blockwise backward: no
+            # gathered copy of the sampled rows or their gradient.
+            emb, backbone_vjp, batch_stats = self._forward(
+                state.params, state.batch_stats, images, k_drop)
+            loss, stats, emb_grads, head_state, row_grad_norm = self.head.fused_step(
+                state.head, idx, emb, labels)
+            (grads,) = backbone_vjp(emb_grads.astype(emb.dtype))
+            acc = _accuracies(stats)
+            bad = jnp.sum(~stats["label_ok"] & valid)
+            return self._finish_step(state, grads, batch_stats, head_state, loss, acc, bad,
+                                     row_grad_norm)
         rows = self.head.ops.gather(state.head.centers, idx)
         if n_acc == 1:
             loss, stats, grads, row_grads, batch_stats = self._micro(
@@ -267,14 +285,19 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / n_acc, grads)
             row_grads, loss, acc = row_grads / n_acc, loss / n_acc, acc / n_acc
 
+        head_state = self.head.update(state.head, idx, row_grads, rows)
+        return self._finish_step(state, grads, batch_stats, head_state, loss, acc, bad,
+                                 optax.tree.norm(row_grads))
+
+    def _finish_step(self, state, grads, batch_stats, head_state, loss, acc, bad,
+                     row_grad_norm):
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        head_state = self.head.update(state.head, idx, row_grads, rows)
         # update_norm and row_grad_norm: the new state must be finite too (a loss
         # computed before the update can be finite while the update is not).
         metrics = dict(loss=loss, top1=acc[0], margin_top1=acc[1], num_bad_labels=bad,
                        grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-                       row_grad_norm=optax.tree.norm(row_grads), lr=self.schedule(state.step))
+                       row_grad_norm=row_grad_norm, lr=self.schedule(state.step))
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state, head=head_state)
         return new_state, metrics

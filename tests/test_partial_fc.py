@@ -103,9 +103,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("softmax", ["full", "blockwise"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_head_matches_float64_reference(name):
-    head = _make(**CASES[name])
+def test_head_matches_float64_reference(name, softmax):
+    # Blocks of 2 columns: several blocks per shard, the last one clamped.
+    head = _make(softmax=softmax, block_size=2, **CASES[name])
     x, y = _inputs(classes=head.config.num_classes)
     _check_against_reference(head, _centers(head), x, y, jax.random.key(3))
 
@@ -273,6 +275,9 @@ def test_out_of_range_labels_are_reported_and_not_trained():
     ("grad_mode", "fast", "grad_mode"),
     ("filter_mode", "drop", "filter_mode"),
     ("margins", (1.0, 4.0, 0.0), "m2"),
+    ("softmax", "chunked", "softmax"),
+    ("block_size", -1, "block_size"),
+    ("logits_budget_mib", 0.0, "logits_budget_mib"),
 ])
 def test_bad_config_is_rejected_before_compiling(field, value, match):
     with pytest.raises(ValueError, match=match):

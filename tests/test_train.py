@@ -192,24 +192,32 @@ def test_eval_batch_size_defaults_to_a_multiple_of_the_devices():
 
 
 def test_gradient_accumulation_equals_the_large_batch():
-    """Two micro-batches sharing one sampled class set == one batch (BN-free backbone)."""
-    cfg1 = _config(**{"model.name": "convnet_tiny"})
-    cfg2 = _config(grad_accum_steps=2, **{"model.name": "convnet_tiny"})
+    """Two micro-batches sharing one sampled class set == one batch (BN-free backbone),
+    for the whole-logits head and for the blockwise head with its fused row update."""
+    model = {"model.name": "convnet_tiny"}
+    blocked = {"head.softmax": "blockwise", "head.block_size": 3}
+    cfg1 = _config(**model)
+    cfg2 = _config(grad_accum_steps=2, **model)
+    cfg3 = _config(**model, **blocked)
     mesh = train.make_mesh(cfg1)
-    t1, t2 = train.Trainer(cfg1, mesh), train.Trainer(cfg2, mesh)
+    t1, t2, t3 = (train.Trainer(c, mesh) for c in (cfg1, cfg2, cfg3))
+    assert not t1.head.fuses_update(16) and t3.head.fuses_update(16)
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (16, 112, 112, 3), dtype=np.uint8),
              "label": rng.integers(0, cfg1.head.num_classes, 16).astype(np.int32),
              "valid": np.ones(16, bool)}
     from pfc_jax import mesh as mesh_lib
     gbatch = mesh_lib.host_local_to_global(batch, mesh)
-    s1, m1 = t1.train_step(t1.init(t1.base_key), gbatch)
     s2, m2 = t2.train_step(t2.init(t2.base_key), gbatch)
-    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(s1.head.centers), np.asarray(s2.head.centers),
-                               rtol=1e-4, atol=1e-6)
+    for t in (t1, t3):
+        s1, m1 = t.train_step(t.init(t.base_key), gbatch)
+        np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5)
+        np.testing.assert_allclose(float(m1["row_grad_norm"]), float(m2["row_grad_norm"]),
+                                   rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(s1.head.centers), np.asarray(s2.head.centers),
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_loss_falls_on_synthetic_identities(tmp_path):
