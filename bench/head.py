@@ -54,7 +54,8 @@ def child(cfg: dict) -> dict:
                              update=cfg["update"], sampler=cfg["sampler"],
                              matmul_dtype=cfg.get("matmul", "float32"),
                              softmax=cfg.get("softmax", "auto"),
-                             fused_update=cfg.get("fused", True))
+                             fused_update=cfg.get("fused", True),
+                             logits_budget_mib=cfg.get("budget_mib", 16.0))
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     head = pf.PartialFC(head_cfg, mesh, tx)
     state = head.init(jax.random.key(0))

@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
         matmul_dtype="float32", row_update="lazy", sampler="select",
         # the shard's softmax: whole, or in blocks once [batch, sampled] logits
         # pass the budget; with lazy updates the rows update inside its backward
-        softmax="auto", block_size=0, logits_budget_mib=16.0, fused_update=True,
+        softmax="auto", block_size=0, logits_budget_mib=32.0, fused_update=True,
     ))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -89,7 +89,7 @@ class HeadConfig:
     init_std: float = 0.01
     softmax: str = "auto"          # full | blockwise | auto (blockwise past the budget)
     block_size: int = 0            # columns per block; 0 = from logits_budget_mib
-    logits_budget_mib: float = 16.0  # per-shard logits (or one block of them) in float32
+    logits_budget_mib: float = 32.0  # per-shard logits kept whole up to this; blocks: 1/4
     fused_update: bool = True      # blockwise + lazy: update rows inside the backward
 
     def validate(self) -> None:
@@ -381,28 +381,33 @@ class PartialFC:
 
         A shard's logits are ``[Bg, Ns * K]`` with ``Bg`` its group's batch
         (the global batch over the replica groups). ``auto`` keeps them whole
-        while they fit in ``logits_budget_mib``, and otherwise takes blocks
-        of that size (a multiple of 128 columns when there is room), so the
-        temporaries stay flat however the global batch grows. A block's rows
-        ``[cols * K, D]`` are held to the same budget.
+        while they fit in ``logits_budget_mib`` and otherwise takes blocks of
+        a quarter of it, so the temporaries stay flat however the global
+        batch grows. A block's rows ``[cols * K, D]`` (and, fused, their
+        gradient and optimizer rows) are held to the same quarter. The
+        blocks split ``Ns`` evenly (a multiple of 128 columns when there is
+        room), so the clamped last block re-covers few columns.
         """
         cfg = self.config
         ns = self.num_sampled(global_batch)
         group_batch = global_batch * self.num_shards // self.mesh.size
         budget = int(cfg.logits_budget_mib * 2**20) // 4  # float32 elements
-        # A block holds [Bg, cols * K] logits and [cols * K, D] rows (and their
-        # gradient and optimizer rows when fused): both within the budget.
-        width = max(group_batch, cfg.embedding_dim) * cfg.num_subcenters
-        cols = max(1, budget // width)
-        if cfg.block_size:
-            block = cfg.block_size
-        else:
-            block = cols // 128 * 128 if cols >= 256 else cols
-        block = max(1, min(block, ns))
         kind = cfg.softmax
         if kind == "auto":
             kind = "full" if group_batch * ns * cfg.num_subcenters <= budget else "blockwise"
-        return kind, (ns if kind == "full" else block)
+        if kind == "full":
+            return kind, ns
+        if cfg.block_size:
+            return kind, max(1, min(cfg.block_size, ns))
+        width = max(group_batch, cfg.embedding_dim) * cfg.num_subcenters
+        cols = max(1, budget // 4 // width)
+        if cols >= 256:
+            cols = cols // 128 * 128
+        n_blocks = -(-ns // cols)
+        block = -(-ns // n_blocks)
+        if cols >= 256:
+            block = -(-block // 128) * 128  # still <= cols, a multiple of 128
+        return kind, max(1, min(block, ns))
 
     def fuses_update(self, global_batch: int) -> bool:
         """Whether ``apply`` does the row update inside the blockwise backward."""

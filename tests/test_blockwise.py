@@ -140,7 +140,7 @@ def _temporaries(n: int, **kw) -> int:
 
 def test_temporaries_stay_flat_as_devices_and_batch_grow():
     """Per-device batch and classes fixed, 2 -> 8 devices: the global batch grows 4x."""
-    budget = dict(logits_budget_mib=1024 / 2**20)  # a block of 256 logits
+    budget = dict(logits_budget_mib=4096 / 2**20)  # blocks of 256 logits
     blocked = {n: _temporaries(n, softmax="blockwise", **budget) for n in (2, 8)}
     whole = {n: _temporaries(n, softmax="full") for n in (2, 8)}
     unfused = {n: _temporaries(n, softmax="blockwise", fused_update=False, **budget)
@@ -159,7 +159,7 @@ def test_fused_full_softmax_needs_little_beyond_the_table():
         for fused in (True, False):
             head = pf.PartialFC(
                 pf.HeadConfig(num_classes=classes, embedding_dim=64, sample_rate=1.0,
-                              softmax="blockwise", logits_budget_mib=0.25,
+                              softmax="blockwise", logits_budget_mib=1.0,
                               fused_update=fused),
                 mesh, optax.sgd(0.1, momentum=0.9))
             assert head.softmax_plan(16) == ("blockwise", 1024)  # 2**16 elements / 64 wide
@@ -180,11 +180,13 @@ def test_fused_full_softmax_needs_little_beyond_the_table():
 
 
 @pytest.mark.parametrize("batch,dim,k,budget_mib,expected", [
-    (128, 512, 1, 16.0, ("blockwise", 8192)),   # 2**22 elements / 512 wide
-    (1024, 512, 1, 16.0, ("blockwise", 4096)),  # / 1024 wide
-    (128, 512, 3, 16.0, ("blockwise", 2688)),   # 2**22 / 1536 = 2730 -> multiple of 128
-    (16, 16, 1, 16.0, ("full", 125000)),        # 16 x 125000 logits fit in 2**22
-    (16, 16, 1, 1024 / 2**20, ("blockwise", 16)),  # 256 / 16 wide: under 256, kept as is
+    # Blocks hold 2**21 elements (a quarter of 32 MiB) over max(Bg, D) * K: cols,
+    # down to a multiple of 128, then Ns = 125000 split evenly, up to a multiple of 128.
+    (128, 512, 1, 32.0, ("blockwise", 4096)),   # cols 4096: 31 blocks of 4033 -> 4096
+    (1024, 512, 1, 32.0, ("blockwise", 2048)),  # cols 2048: 62 blocks of 2017 -> 2048
+    (128, 512, 3, 32.0, ("blockwise", 1280)),   # cols 1365 -> 1280: 98 blocks of 1276
+    (16, 16, 1, 32.0, ("full", 125000)),        # 16 x 125000 logits fit in 2**23
+    (16, 16, 1, 1024 / 2**20, ("blockwise", 4)),  # 64 / 16 wide: under 256, kept as is
 ])
 def test_softmax_plan_follows_the_budget(batch, dim, k, budget_mib, expected):
     mesh = mesh_lib.make_mesh({"data": 8})
