@@ -97,7 +97,7 @@ def run(args) -> None:
             _append(args.out, dict(backbone=backbone, topology=topo, num_classes=None,
                                    kind="capacity", max_classes=cap.max_classes,
                                    predicted=cap.predicted, points=cap.points, note=cap.note,
-                                   method=target.method, wall_seconds=time.time() - t0))
+                                   method=reports[0].method, wall_seconds=time.time() - t0))
             print(f"{backbone} {topo}: largest fitting {cap.max_classes} "
                   f"(line: {cap.predicted}) ({time.time() - t0:.0f} s)", flush=True)
 

@@ -50,12 +50,12 @@ def child(cfg: dict) -> dict:
 
     C, B, D, r = cfg["classes"], cfg["batch"], cfg["dim"], cfg["rate"]
     mesh = mesh_lib.make_mesh()
+    budget = {"logits_budget_mib": cfg["budget_mib"]} if "budget_mib" in cfg else {}
     head_cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, sample_rate=r,
                              update=cfg["update"], sampler=cfg["sampler"],
                              matmul_dtype=cfg.get("matmul", "float32"),
                              softmax=cfg.get("softmax", "auto"),
-                             fused_update=cfg.get("fused", True),
-                             logits_budget_mib=cfg.get("budget_mib", 16.0))
+                             fused_update=cfg.get("fused", True), **budget)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     head = pf.PartialFC(head_cfg, mesh, tx)
     state = head.init(jax.random.key(0))

@@ -24,17 +24,17 @@ Targets (``--topology``):
   that does not fit the chip's HBM, whose message gives the sizes.
   ``--num_slices`` compiles for several slices joined over the data-centre
   network.
-- GPU, estimated: ``h100:8x2`` (8 cards per host x 2 hosts), ``h200:8``,
-  ``a100-40g:8x4``, ``a100-80g:8``. Compiling for CUDA on a host without a GPU
-  needs the CUDA PJRT plugin and its CUDA libraries (several GB) plus a
-  description of the target GPU, so the step is instead compiled for as many
-  CPU devices as the target has: arguments, outputs and aliasing are those
-  of the real step (same shapes, same shardings); the temporaries are XLA:CPU's
+- GPU: ``h100:8x2`` (8 cards per host x 2 hosts), ``h200:8``,
+  ``a100-40g:8x4``, ``a100-80g:8``. With the CUDA PJRT plugin installed
+  (``pip install 'jax[cuda12]'``, several GB) the XLA GPU compiler builds the
+  step deviceless for described cards (``pfc_jax.topology.GPU_TARGETS``), as
+  for TPUs: ``compiled``. Without it, the step is compiled for as many CPU
+  devices as the target has: arguments, outputs and aliasing are those of the
+  real step (same shapes, same shardings); the temporaries are XLA:CPU's
   schedule of the same program, a stand-in for activations and the head's
-  sampled-row and logit buffers (XLA:GPU fuses differently and cuDNN
-  convolutions take workspace). The output says ``estimated``. The card's
-  usable memory is its size times ``--gpu_memory_fraction`` (default: the
-  ``XLA_PYTHON_CLIENT_MEM_FRACTION`` in the environment, else JAX's 0.75).
+  buffers (XLA:GPU fuses differently). The output says ``estimated``. The
+  card's usable memory is its size times ``--gpu_memory_fraction`` (default:
+  the ``XLA_PYTHON_CLIENT_MEM_FRACTION`` in the environment, else JAX's 0.75).
 
 ``--device_memory_gib`` replaces the device's memory (what-if, and tests).
 """
@@ -50,131 +50,11 @@ import re
 import sys
 import time
 
-GIB = 1 << 30
-MIB = 1 << 20
-
-# Memory per device. TPU (v4/v5p chips run as one "megacore" device): the HBM
-# per chip is 32 GiB (v4), 16 (v5e), 95 (v5p), 32 (v6e); what the XLA TPU
-# compiler lets a program use is a little less, and that is the figure used
-# (read from its out-of-memory message, libtpu 0.0.42). GPU: the card's
-# total memory as nvidia-smi reports it, before JAX's preallocation fraction.
-TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
-TPU_USABLE_HBM_GIB = {"v4": 30.75, "v5e": 15.75, "v5p": 95.74, "v6e": 31.25}
-GPU_MEMORY_MIB = {"h100": 81_559, "h200": 143_771, "a100-40g": 40_960, "a100-80g": 81_920}
-GPU_LABELS = {"h100": "NVIDIA H100 80GB (SXM)", "h200": "NVIDIA H200 141GB",
-              "a100-40g": "NVIDIA A100 40GB", "a100-80g": "NVIDIA A100 80GB"}
-JAX_GPU_DEFAULT_FRACTION = 0.75  # JAX preallocates this share of a GPU by default
-
-_TPU_ALIASES = {"v4": "v4", "v5e": "v5e", "v5litepod": "v5e", "v5lite": "v5e", "v5p": "v5p",
-                "v5": "v5p", "v6e": "v6e"}
-_TPU_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}
-_TPU_LIBTPU_NAME = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
-# Cloud TPU "-N" names -> chip grid (N is chips for v5e/v6e, TensorCores for v4/v5p).
-_TPU_2D_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
-                  128: "8x16", 256: "16x16"}
-_TPU_3D_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
-                  128: "4x4x8", 256: "4x8x8", 512: "8x8x8", 1024: "8x8x16",
-                  2048: "8x16x16", 4096: "16x16x16"}
-
-
-# ------------------------------------------------------------------ targets
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A parsed ``--topology``: what to compile for and how much memory a device has."""
-
-    name: str               # as given
-    platform: str           # "tpu" | "gpu"
-    kind: str               # v4 | v5e | v5p | v6e | h100 | h200 | a100-40g | a100-80g
-    num_devices: int
-    num_hosts: int | None   # GPU: hosts given; TPU: from the topology (None until built)
-    memory_bytes: int       # per device, before any fraction
-    label: str
-    libtpu_topology: str | None = None
-    num_slices: int = 1
-
-    @property
-    def method(self) -> str:
-        return "compiled" if self.platform == "tpu" else "estimated"
-
-
-def parse_topology(name: str, num_slices: int = 1) -> Target:
-    """``v5p:4x4x4`` / ``v5e-256`` / ``h100:8x2`` -> Target; ValueError naming the value."""
-    text = name.strip().lower()
-    if num_slices < 1:
-        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
-    gen, sep, rest = text.partition(":")
-    if not sep:
-        gen, sep, rest = text.rpartition("-")
-        if gen in GPU_MEMORY_MIB or not sep:  # "a100-40g" alone
-            gen, rest = text, ""
-        elif gen in _TPU_ALIASES:
-            kind = _TPU_ALIASES[gen]
-            if not rest.isdigit():
-                raise ValueError(f"topology {name!r}: expected {gen}-N with N a number")
-            n = int(rest)
-            chips = n // 2 if _TPU_DIMS[kind] == 3 else n
-            shapes = _TPU_3D_SHAPES if _TPU_DIMS[kind] == 3 else _TPU_2D_SHAPES
-            if (_TPU_DIMS[kind] == 3 and n % 2) or chips not in shapes:
-                raise ValueError(
-                    f"topology {name!r}: no standard {kind} slice of that size; give the chip "
-                    f"grid instead, e.g. {kind}:{next(iter(shapes.values()))}")
-            rest = shapes[chips]
-    if gen in _TPU_ALIASES:
-        kind = _TPU_ALIASES[gen]
-        dims = rest.split("x")
-        if len(dims) != _TPU_DIMS[kind] or not all(d.isdigit() and int(d) > 0 for d in dims):
-            want = "AxBxC" if _TPU_DIMS[kind] == 3 else "AxB"
-            raise ValueError(f"topology {name!r}: a {kind} chip grid is {kind}:{want}")
-        chips = math.prod(int(d) for d in dims)
-        return Target(name, "tpu", kind, chips * num_slices, None,
-                      int(TPU_USABLE_HBM_GIB[kind] * GIB),
-                      f"TPU {kind}, {TPU_HBM_GIB[kind]:g} GiB HBM per chip",
-                      f"{_TPU_LIBTPU_NAME[kind]}:{rest}", num_slices)
-    if gen in GPU_MEMORY_MIB:
-        per_host, _, hosts = rest.partition("x") if rest else ("8", "", "1")
-        hosts = hosts or "1"
-        if not (per_host.isdigit() and hosts.isdigit()) or int(per_host) < 1 or int(hosts) < 1:
-            raise ValueError(f"topology {name!r}: a GPU target is {gen}:PER_HOSTxHOSTS, "
-                             f"e.g. {gen}:8x2")
-        if num_slices != 1:
-            raise ValueError(f"topology {name!r}: num_slices is for TPU targets; give hosts "
-                             "as PER_HOSTxHOSTS")
-        n = int(per_host) * int(hosts)
-        return Target(name, "gpu", gen, n, int(hosts), GPU_MEMORY_MIB[gen] * MIB,
-                      GPU_LABELS[gen])
-    known = sorted(set(_TPU_ALIASES) | set(GPU_MEMORY_MIB))
-    raise ValueError(f"topology {name!r}: unknown device {gen!r}; known: {', '.join(known)}")
-
-
-def tpu_devices(target: Target):
-    """Abstract (compile-only) TPU devices for the target; needs libtpu."""
-    # Compile-only use: no TPU to find, no lock on one to take.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError(
-            f"compiling for {target.name} needs libtpu, which is not installed: "
-            "pip install 'jax[tpu]' (the version matching jax)") from e
-    kwargs = {"num_slices": target.num_slices} if target.num_slices > 1 else {}
-    if _TPU_DIMS[target.kind] == 3:  # v4/v5p: both TensorCores of a chip as one device
-        kwargs["chip_config_name"] = "megacore"
-    topo = topologies.get_topology_desc(topology_name=target.libtpu_topology, platform="tpu",
-                                        **kwargs)
-    return list(topo.devices)
-
-
-def cpu_devices(n: int):
-    import jax
-    devices = jax.devices("cpu")
-    if len(devices) < n:
-        raise RuntimeError(
-            f"the estimate compiles for {n} CPU devices, this process has {len(devices)}; "
-            "run `python -m pfc_jax.aot` (it sets jax_num_cpu_devices) or set "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts")
-    return devices[:n]
+# Re-exported: the topology names and device lists live in pfc_jax.topology.
+from pfc_jax.topology import (  # noqa: F401
+    GIB, GPU_LABELS, GPU_MEMORY_MIB, GPU_TARGETS, JAX_GPU_DEFAULT_FRACTION, MIB,
+    TPU_HBM_GIB, TPU_USABLE_HBM_GIB, Target, cpu_devices, cuda_plugin_available,
+    devices_for, gpu_devices, parse_topology, tpu_devices)
 
 
 # ------------------------------------------------------------------ reports
@@ -284,6 +164,13 @@ def _abstract_batch(trainer):
             "valid": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=sh)}
 
 
+def _method(target: Target, devices) -> str:
+    """``compiled`` for TPU and CUDA devices; ``estimated`` for a GPU target on CPU devices."""
+    if target.platform == "gpu" and devices[0].platform == "cpu":
+        return "estimated"
+    return "compiled"
+
+
 def check(config, target: Target | str, *, devices=None, device_memory_bytes: int | None = None,
           gpu_memory_fraction: float | None = None, per_device_batch: int | None = None,
           num_classes: int | None = None) -> Report:
@@ -301,8 +188,7 @@ def check(config, target: Target | str, *, devices=None, device_memory_bytes: in
     if isinstance(target, str):
         target = parse_topology(target)
     if devices is None:
-        devices = tpu_devices(target) if target.platform == "tpu" else cpu_devices(
-            target.num_devices)
+        devices = devices_for(target)
     if len(devices) != target.num_devices:
         raise ValueError(f"{target.name} has {target.num_devices} devices, got {len(devices)}")
     notes = []
@@ -333,7 +219,7 @@ def check(config, target: Target | str, *, devices=None, device_memory_bytes: in
     backbone = _sum_shard_bytes((s.params, s.batch_stats, s.opt_state))
     report = Report(
         topology=target.name, platform=target.platform, device=target.label,
-        method=target.method, num_devices=target.num_devices, num_hosts=hosts,
+        method=_method(target, devices), num_devices=target.num_devices, num_hosts=hosts,
         global_batch=config.batch_size, per_device_batch=config.batch_size // target.num_devices,
         num_classes=int(config.head.num_classes), padded_classes=trainer.head.padded_classes,
         table_shape=tuple(trainer.head.table_shape), head_shards=trainer.head.num_shards,
@@ -474,7 +360,9 @@ def format_report(r: Report, capacity: Capacity | None = None, config_name: str 
     lines = [f"pod-fit check: {config_name or 'config'} on {r.topology} "
              f"({r.device}, {r.num_devices} devices, {r.num_hosts} hosts)"]
     if r.method == "compiled":
-        lines.append(f"method: compiled for the target by the XLA TPU compiler on this host "
+        compiler = "XLA TPU compiler" if r.platform == "tpu" else (
+            "XLA GPU compiler (CUDA plugin, described cards, no GPU attached)")
+        lines.append(f"method: compiled for the target by the {compiler} on this host "
                      f"({r.compile_seconds:.0f} s)")
     else:
         lines.append(
@@ -588,8 +476,7 @@ def main(argv):
     kw = dict(device_memory_bytes=memory, gpu_memory_fraction=f.gpu_memory_fraction,
               per_device_batch=f.per_device_batch)
     try:
-        devices = tpu_devices(target) if target.platform == "tpu" else cpu_devices(
-            target.num_devices)
+        devices = devices_for(target)
         report = check(f.config, target, devices=devices, **kw)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

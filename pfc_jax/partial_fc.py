@@ -409,6 +409,16 @@ class PartialFC:
             block = -(-block // 128) * 128  # still <= cols, a multiple of 128
         return kind, max(1, min(block, ns))
 
+    def _slices_rows(self, ns: int) -> bool:
+        """Whether the fused update reads and writes blocks of rows as slices.
+
+        When every class of the shard is sampled slot j is row j (``sample``
+        puts the valid rows first, in order, sentinels after); slices rather
+        than gathers are in place on TPU only (see ShardCE.fused_update).
+        """
+        return (ns == self.local_classes and self.config.sample_rate > 0
+                and self.mesh.devices.flat[0].platform == "tpu")
+
     def fuses_update(self, global_batch: int) -> bool:
         """Whether ``apply`` does the row update inside the blockwise backward."""
         return (self.config.fused_update and self.config.update == "lazy"
@@ -463,7 +473,7 @@ class PartialFC:
         leaves, treedef = jax.tree.flatten(state.opt_state)
         is_row = [tuple(leaf.shape) == self.table_shape for leaf in leaves]
         step = self._kernel(ns).fused_update(block, self.tx, self.local_classes, is_row,
-                                             treedef)
+                                             treedef, self._slices_rows(ns))
 
         def body(table, leaves, idx, x_local, y_local):
             x, tslot, label_ok = self._group_targets(idx, x_local, y_local)

@@ -15,7 +15,7 @@ import sys
 import jax
 import pytest
 
-from pfc_jax import aot
+from pfc_jax import aot, topology
 from pfc_jax.config import load_recipe
 
 # conftest turns the persistent compilation cache on; JAX writes a TPU
@@ -136,9 +136,39 @@ def test_cli_does_not_fit_exits_1_and_says_by_how_much(tmp_path):
     assert f"over by {d['over_by'] / GIB:.3f} GiB ({d['over_by']:,} bytes)" in proc.stdout
 
 
-def test_estimate_needs_as_many_cpu_devices_as_gpus():
+def test_estimate_needs_as_many_cpu_devices_as_gpus(monkeypatch):
+    monkeypatch.setattr(topology, "cuda_plugin_available", lambda: False)
     with pytest.raises(RuntimeError, match="16 CPU devices, this process has 8"):
         aot.check(tiny(), "h100:8x2")
+
+
+def test_every_gpu_kind_has_a_device_description_with_its_memory():
+    for kind, mib in aot.GPU_MEMORY_MIB.items():
+        text = aot.GPU_TARGETS[kind]
+        assert f"device_memory_size: {mib * 2**20}\n" in text, kind
+        assert 'platform_name: "CUDA"' in text and "cuda_compute_capability" in text
+
+
+def test_without_the_cuda_plugin_a_gpu_target_is_estimated(monkeypatch):
+    monkeypatch.setattr(topology, "cuda_plugin_available", lambda: False)
+    target = aot.parse_topology("h100:4x2")
+    devices = aot.devices_for(target)
+    assert [d.platform for d in devices] == ["cpu"] * 8
+    with pytest.raises(RuntimeError, match="CUDA PJRT plugin"):
+        aot.gpu_devices(target)
+
+
+def test_gpu_compile_without_a_gpu_is_compiled_not_estimated():
+    """XLA:GPU builds the step for described cards; needs the CUDA plugin
+    (pip install 'jax[cuda12]') and JAX_PLATFORMS=cpu, skipped without it."""
+    if not aot.cuda_plugin_available():
+        pytest.skip("the CUDA PJRT plugin is not installed (pip install 'jax[cuda12]')")
+    r = aot.check(tiny(**{"model.name": "convnet_tiny"}), "h100:4x2", num_classes=1000)
+    assert r.method == "compiled" and r.platform == "gpu" and r.num_hosts == 2
+    table, opt = hand_table_bytes(r.padded_classes, 1, 128, 8, 1)
+    assert (r.table, r.head_optimizer) == (table, opt)
+    assert r.arguments >= table + opt and r.aliased >= table + opt  # updated in place
+    assert 0 < r.peak < r.device_memory
 
 
 # ------------------------------------------------------------------ TPU (libtpu)
@@ -168,3 +198,30 @@ def test_tpu_compiler_refuses_a_table_too_large_and_says_by_how_much():
     assert r.device_memory == int(15.75 * GIB)  # the compiler's usable HBM of a v5e
     text = aot.format_report(r)
     assert f"over by {(r.peak - r.device_memory) / GIB:.3f} GiB" in text
+
+
+def test_tpu_full_softmax_head_updates_the_table_in_place():
+    """r = 1 compiled by the TPU compiler: the fused blockwise step needs a small
+    fraction of the table beyond it, today's whole-logits step several tables."""
+    needs_libtpu()
+    import jax.numpy as jnp
+    import optax
+    from pfc_jax import mesh as mesh_lib
+    from pfc_jax import partial_fc as pf
+    devices = aot.tpu_devices(aot.parse_topology("v5e:2x2"))
+    mesh = mesh_lib.make_mesh({"data": 4}, devices)
+    sh = mesh_lib.batch_sharding(mesh)
+    x = jax.ShapeDtypeStruct((64, 128), jnp.float32, sharding=sh)
+    y = jax.ShapeDtypeStruct((64,), jnp.int32, sharding=sh)
+    temps = {}
+    for softmax in ("blockwise", "full"):
+        head = pf.PartialFC(pf.HeadConfig(num_classes=1 << 18, embedding_dim=128,
+                                          softmax=softmax, logits_budget_mib=1.0),
+                            mesh, optax.sgd(0.1, momentum=0.9))
+        assert head._slices_rows(head.num_sampled(64))  # every class sampled, on TPU
+        state = jax.eval_shape(head.init, jax.random.key(0))
+        m = head._step.lower(state, x, y, jax.random.key(1)).compile().memory_analysis()
+        temps[softmax] = m.temp_size_in_bytes
+    table = (1 << 18) * 128 * 4 // 4  # per device
+    assert temps["blockwise"] <= 0.1 * table, temps
+    assert temps["full"] >= table, temps

@@ -127,8 +127,8 @@ def test_blockwise_and_fused_equal_the_whole_logits_head(mesh_i, combo):
 def _temporaries(n: int, **kw) -> int:
     """Compiled temporary bytes per device of the donated head step, n devices."""
     mesh = mesh_lib.make_mesh({"data": n}, jax.devices()[:n])
-    # Weak scaling: 64 classes and 4 images per device.
-    head = pf.PartialFC(pf.HeadConfig(num_classes=64 * n, embedding_dim=8, **kw), mesh,
+    # Weak scaling: 512 classes and 4 images per device.
+    head = pf.PartialFC(pf.HeadConfig(num_classes=512 * n, embedding_dim=8, **kw), mesh,
                         optax.sgd(0.1, momentum=0.9))
     state = jax.eval_shape(head.init, jax.random.key(0))
     sh = mesh_lib.batch_sharding(mesh)
@@ -138,11 +138,16 @@ def _temporaries(n: int, **kw) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_temporaries_stay_flat_as_devices_and_batch_grow():
-    """Per-device batch and classes fixed, 2 -> 8 devices: the global batch grows 4x."""
-    budget = dict(logits_budget_mib=4096 / 2**20)  # blocks of 256 logits
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+def test_temporaries_stay_flat_as_devices_and_batch_grow(rate):
+    """Per-device batch and classes fixed, 2 -> 8 devices: the global batch grows 4x.
+
+    Blocks of 1024 logits: 128 columns for a group batch of 8, 32 for 32 (several
+    blocks at every size: a single-block loop compiles differently); only the
+    [B, D] embeddings (768 bytes here) grow."""
+    budget = dict(logits_budget_mib=4 * 1024 * 4 / 2**20, sample_rate=rate)
     blocked = {n: _temporaries(n, softmax="blockwise", **budget) for n in (2, 8)}
-    whole = {n: _temporaries(n, softmax="full") for n in (2, 8)}
+    whole = {n: _temporaries(n, softmax="full", sample_rate=rate) for n in (2, 8)}
     unfused = {n: _temporaries(n, softmax="blockwise", fused_update=False, **budget)
                for n in (2, 8)}
     assert blocked[8] <= 1.1 * blocked[2], blocked
@@ -195,3 +200,44 @@ def test_softmax_plan_follows_the_budget(batch, dim, k, budget_mib, expected):
                         mesh, optax.sgd(0.1))
     assert head.num_sampled(batch) == 125000
     assert head.softmax_plan(batch) == expected
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+def test_fused_update_by_slices_equals_by_gathers(monkeypatch, rate):
+    """The slice form TPUs get at r = 1 (or any rate that samples every class),
+    run here on the CPU mesh against the gather form; at r = 0.3 the slice form
+    must not be chosen."""
+    mesh = mesh_lib.make_mesh({"data": 8})
+    tx = _tx(0)
+    classes = 203  # 26 per shard: r = 0.3 samples 16 of them (B = 16), r = 1 all
+    head = pf.PartialFC(pf.HeadConfig(num_classes=classes, embedding_dim=D, scale=16.0,
+                                      num_subcenters=3, sample_rate=rate,
+                                      softmax="blockwise", block_size=3), mesh, tx)
+    rng = np.random.default_rng(5)
+    x, y = head.shard_batch(rng.normal(size=(B, D)).astype(np.float32),
+                            rng.integers(0, classes, B).astype(np.int32))
+    w = rng.normal(size=head.table_shape).astype(np.float32)
+    w[classes:] = 0
+
+    def run():
+        centers = jax.device_put(w, head.table_sharding)
+        state = pf.HeadState(centers, tx.init(centers))
+        f = jax.jit(lambda s, a, b: head.fused_step(s, head.sample(b, jax.random.key(0)), a, b))
+        return jax.tree.map(np.asarray, f(state, x, y))
+
+    gathered = run()
+    seen = []
+    monkeypatch.setattr(head, "_slices_rows",
+                        lambda ns: seen.append(ns) or ns == head.local_classes)
+    sliced = run()
+    assert seen and (seen[0] == head.local_classes) == (rate == 1.0)
+    tol = _tol(head)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gathered),
+                            jax.tree.leaves(sliced)):
+        if a.dtype == bool:
+            np.testing.assert_array_equal(a, b)
+        else:
+            _close(b, a, tol, jax.tree_util.keystr(path))
+    for leaf in jax.tree.leaves(sliced[3]):  # padding rows stay zero
+        if leaf.shape == head.table_shape:
+            np.testing.assert_array_equal(leaf[classes:], 0)
