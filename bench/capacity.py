@@ -7,8 +7,10 @@
 For every (backbone, topology, class count) it runs the pod-fit check
 (``pfc_jax.aot.check``): the ms1mv3 recipe's backbone with D = 512,
 r = 0.1, 128 images per device, compiled for the TPU topology by the XLA
-TPU compiler on this host (needs libtpu), or, for GPUs, estimated from the
-same step compiled for as many CPU devices. Then ``pfc_jax.aot.largest_classes``
+TPU compiler on this host (needs libtpu), for GPUs by the XLA GPU compiler
+for described cards when the CUDA plugin is installed (run with
+``JAX_PLATFORMS=cpu``), else estimated from the same step compiled for as
+many CPU devices. Then ``pfc_jax.aot.largest_classes``
 finds the largest class count that fits each (backbone, topology), seeded
 with the grid's compiles. Each result is appended to ``--out`` (JSON lines)
 as soon as it is known, so an interrupted run resumes where it stopped; the
@@ -28,8 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 GIB = 2**30
 BACKBONES = ("r50", "r100")
-TOPOLOGIES = ("v5e-256", "v5p-128", "h100:8x1", "h100:8x4", "h100:8x16")
-CLASSES = (2_000_000, 10_000_000, 29_000_000, 100_000_000)
+TOPOLOGIES = ("v5e-256", "v5p-128", "v5p-512", "h100:8x1", "h100:8x4", "h100:8x16")
+CLASSES = (2_000_000, 10_000_000, 29_000_000, 100_000_000, 1_000_000_000)
 PER_DEVICE_BATCH = 128
 SAMPLE_RATE = 0.1
 GPU_FRACTION = 0.9
@@ -64,8 +66,7 @@ def run(args) -> None:
         config = recipe(backbone)
         for topo in args.topologies:
             target = aot.parse_topology(topo)
-            devices = (aot.tpu_devices(target) if target.platform == "tpu"
-                       else aot.cpu_devices(target.num_devices))
+            devices = aot.devices_for(target)  # CUDA devices when the plugin is installed
             kw = dict(devices=devices, per_device_batch=PER_DEVICE_BATCH,
                       gpu_memory_fraction=GPU_FRACTION)
             reports = []

@@ -41,6 +41,17 @@ from pfc_jax.margins import Margin
 NORM_EPS = 1e-12
 
 
+def _with_vjp(forward, backward) -> Callable:
+    """``ce(rows, x, tslot, valid, label_ok)`` with the hand-written backward."""
+
+    @jax.custom_vjp
+    def ce(rows, x, tslot, valid, label_ok):
+        return forward(rows, x, tslot, valid, label_ok)[0]
+
+    ce.defvjp(forward, backward)
+    return ce
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardCE:
     """What the per-shard kernels need to know, fixed at trace time."""
@@ -178,12 +189,7 @@ class ShardCE:
                                       log_z, d_loss)
             return d_rows.astype(rows.dtype), d_x.astype(x.dtype), None, None, None
 
-        @jax.custom_vjp
-        def ce(rows, x, tslot, valid, label_ok):
-            return forward(rows, x, tslot, valid, label_ok)[0]
-
-        ce.defvjp(forward, backward)
-        return ce
+        return _with_vjp(forward, backward)
 
     # --------------------------------------------------------- blockwise
     def _blocks(self, block: int):
@@ -263,12 +269,7 @@ class ShardCE:
                 0, n_blocks, body, (jnp.zeros_like(x), jnp.zeros_like(rows, jnp.float32)))
             return d_rows.astype(rows.dtype), d_x.astype(x.dtype), None, None, None
 
-        @jax.custom_vjp
-        def ce(rows, x, tslot, valid, label_ok):
-            return forward(rows, x, tslot, valid, label_ok)[0]
-
-        ce.defvjp(forward, backward)
-        return ce
+        return _with_vjp(forward, backward)
 
     # ------------------------------------------------------ fused update
     def fused_update(self, block: int, tx: optax.GradientTransformation,
