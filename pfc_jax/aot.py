@@ -56,6 +56,8 @@ from pfc_jax.topology import (  # noqa: F401
     TPU_HBM_GIB, TPU_USABLE_HBM_GIB, Target, cpu_devices, cuda_plugin_available,
     devices_for, gpu_devices, parse_topology, tpu_devices)
 
+MAX_CLASSES = 2**31 - 1  # the head's limit (pfc_jax.partial_fc.MAX_CLASSES): int32 labels
+
 
 # ------------------------------------------------------------------ reports
 @dataclasses.dataclass
@@ -342,6 +344,12 @@ def largest_classes(measure, first: Report, *, max_compiles: int = 4,
         if c < 1:
             note = "even one class does not fit: the backbone and the batch alone exceed it"
             break
+        if c > MAX_CLASSES:
+            if best is not None and best >= _floor_sig(MAX_CLASSES):
+                note = f"fits up to the int32 label limit ({MAX_CLASSES:,} classes)"
+                break
+            c = _floor_sig(MAX_CLASSES)
+            note = f"capped at the int32 label limit ({MAX_CLASSES:,} classes)"
         r = measure(c)
         points.append((c, r.peak, bool(r.fits)))
         target = _crossing(points, memory)

@@ -64,6 +64,7 @@ FILTER_MODES = ("mask", "zero")
 SAMPLERS = ("select", "topk")
 MATMUL_DTYPES = ("float32", "bfloat16")
 SOFTMAX_MODES = ("auto", "full", "blockwise")
+MAX_CLASSES = 2**31 - 1  # labels and row ids are int32
 _NORM_EPS = softmax_ce.NORM_EPS
 _INIT_BLOCK_ROWS = 4096
 # Per-sample statistics returned by the step, each [B] and sharded like the batch.
@@ -99,6 +100,9 @@ class HeadConfig:
 
         need(isinstance(self.num_classes, (int, np.integer)) and self.num_classes >= 1,
              f"num_classes must be an integer >= 1, got {self.num_classes!r}")
+        need(self.num_classes <= MAX_CLASSES,
+             f"num_classes {self.num_classes:,} exceeds {MAX_CLASSES:,}: labels and row "
+             "ids are int32")
         need(isinstance(self.embedding_dim, (int, np.integer)) and self.embedding_dim >= 1,
              f"embedding_dim must be an integer >= 1, got {self.embedding_dim!r}")
         need(isinstance(self.num_subcenters, (int, np.integer)) and self.num_subcenters >= 1,

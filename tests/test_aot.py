@@ -117,6 +117,31 @@ def test_search_returns_a_compiled_fit_just_below_the_boundary():
     assert not above.fits and above.over_by == above.peak - memory > 0
 
 
+def test_search_stops_at_the_int32_label_limit():
+    """A device that holds billions of classes: the search never asks for more
+    than int32 labels can name, and says so."""
+    per_class = 16  # bytes per class per device, 1 TiB of memory: ~68B classes fit
+    memory = 2**40
+
+    def report(n):
+        return aot.Report(topology="fake", platform="tpu", device="fake", method="compiled",
+                          num_devices=1, num_hosts=1, global_batch=8, per_device_batch=8,
+                          num_classes=n, padded_classes=n, table_shape=(n, 1, 4),
+                          head_shards=1, num_sampled=8, device_memory=memory,
+                          table=per_class * n // 2, head_optimizer=per_class * n // 2,
+                          backbone=0, peak=per_class * n + 2**20, fits=True)
+
+    asked = []
+
+    def measure(n):
+        asked.append(n)
+        return report(n)
+
+    cap = aot.largest_classes(measure, report(1_000_000_000), max_compiles=4)
+    assert asked and max(asked) <= aot.MAX_CLASSES
+    assert cap.max_classes == 2_140_000_000 and "int32" in cap.note
+
+
 def test_cli_does_not_fit_exits_1_and_says_by_how_much(tmp_path):
     out = tmp_path / "fit.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

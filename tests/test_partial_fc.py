@@ -267,6 +267,7 @@ def test_out_of_range_labels_are_reported_and_not_trained():
 
 @pytest.mark.parametrize("field,value,match", [
     ("num_classes", 0, "num_classes"),
+    ("num_classes", 2**31, "int32"),
     ("num_subcenters", 0, "num_subcenters"),
     ("sample_rate", 1.5, "sample_rate"),
     ("sample_rate", -0.1, "sample_rate"),
