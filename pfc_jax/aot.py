@@ -56,8 +56,6 @@ from pfc_jax.topology import (  # noqa: F401
     TPU_HBM_GIB, TPU_USABLE_HBM_GIB, Target, cpu_devices, cuda_plugin_available,
     devices_for, gpu_devices, parse_topology, tpu_devices)
 
-MAX_CLASSES = 2**31 - 1  # the head's limit (pfc_jax.partial_fc.MAX_CLASSES): int32 labels
-
 
 # ------------------------------------------------------------------ reports
 @dataclasses.dataclass
@@ -316,6 +314,7 @@ def largest_classes(measure, first: Report, *, max_compiles: int = 4,
     ``max_compiles`` compiles. ``known``: Reports (or ``(C, peak, fits)``)
     already compiled for the same config and device memory.
     """
+    from pfc_jax.partial_fc import MAX_CLASSES  # int32 labels and row ids
     memory = first.device_memory
     points = [(first.num_classes, first.peak, bool(first.fits))]
     points += [tuple(r) if isinstance(r, (tuple, list)) else (r.num_classes, r.peak,

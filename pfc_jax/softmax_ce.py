@@ -198,13 +198,14 @@ class ShardCE:
         return -(-self.ns // block), block
 
     def _columns(self, i, block, tslot, valid):
-        """Block i's start, fresh-column mask and target / negative masks."""
+        """Block i's start, its live columns (valid and not seen before) and the
+        target / negative masks."""
         start = jnp.minimum(i * block, self.ns - block)
         cols = start + jnp.arange(block)
         fresh = cols >= i * block  # the clamped last block re-covers some columns
         is_t = (cols[None, :] == tslot[:, None]) & fresh[None, :]
-        v = lax.dynamic_slice_in_dim(valid, start, block) & fresh
-        return start, fresh, is_t, v[None, :] & ~is_t
+        live = lax.dynamic_slice_in_dim(valid, start, block) & fresh
+        return start, live, is_t, live[None, :] & ~is_t
 
     def _forward_blocks(self, rows_at, x, tslot, valid, label_ok, block):
         """Online pass over the blocks: the softmax's log-partition and the stats."""
@@ -214,7 +215,7 @@ class ShardCE:
         def body(i, carry):
             neg_max, neg_sum, c_t, max_neg_cos = carry
             start, _, is_t, neg = self._columns(i, block, tslot, valid)
-            _, cos_pre, _ = self._cosines(rows_at(start, block), x)
+            _, cos_pre, _ = self._cosines(rows_at(start), x)
             cos = jnp.clip(cos_pre, -1.0, 1.0)
             c_t = c_t + jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
             max_neg_cos = jnp.maximum(max_neg_cos,
@@ -226,25 +227,22 @@ class ShardCE:
             safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
             neg_sum = (neg_sum * jnp.exp(neg_max - safe)
                        + jnp.sum(jnp.exp(z - safe[:, None]), axis=-1))
-            return jnp.where(jnp.isfinite(new_max), new_max, -jnp.inf), neg_sum, c_t, max_neg_cos
+            return new_max, neg_sum, c_t, max_neg_cos
 
         vary = (tslot * 0).astype(jnp.float32)  # device-varying zeros, like the carry
         init = (vary - jnp.inf, vary, vary, vary - 2.0)
+        # Where no negative was kept neg_max stays -inf and neg_sum 0.
         neg_max, neg_sum, c_t, max_neg_cos = lax.fori_loop(0, n_blocks, body, init)
-        # neg_sum is relative to neg_max, or to 0 where there is no negative (then 0).
-        neg_sum = jnp.where(jnp.isfinite(neg_max), neg_sum, 0.0)
         return self._finish(neg_max, neg_sum, c_t, max_neg_cos, tslot, label_ok) + (c_t,)
 
     def blockwise(self, block: int) -> Callable:
         """``full``'s function and gradients, never holding ``[Bg, Ns]``."""
         n_blocks, block = self._blocks(block)
 
-        def rows_of(rows):
-            return lambda start, n: lax.dynamic_slice_in_dim(rows, start, n)
-
         def forward(rows, x, tslot, valid, label_ok):
             loss_i, stats, log_z, c_t = self._forward_blocks(
-                rows_of(rows), x, tslot, valid, label_ok, block)
+                lambda start: lax.dynamic_slice_in_dim(rows, start, block), x, tslot, valid,
+                label_ok, block)
             residuals = (rows, x, tslot, valid, label_ok, c_t, log_z)
             return (self._own(loss_i), {k: self._own(v) for k, v in stats.items()}), residuals
 
@@ -313,14 +311,13 @@ class ShardCE:
 
         def step(table, opt_leaves, idx, x, tslot, valid, label_ok, d_loss):
             loss_i, stats, log_z, c_t = self._forward_blocks(
-                lambda start, n: read(table, idx, start), x, tslot, valid, label_ok, block)
+                lambda start: read(table, idx, start), x, tslot, valid, label_ok, block)
             d_loss = jnp.where(label_ok, d_loss, 0.0)
             phi, dphi = self._margin_and_slope(c_t)
 
             def body(i, carry):
                 d_x, table, leaves, gsq = carry
-                start, fresh, is_t, neg = self._columns(i, block, tslot, valid)
-                keep = fresh & lax.dynamic_slice_in_dim(valid, start, block)
+                start, keep, is_t, neg = self._columns(i, block, tslot, valid)
                 rows_b = read(table, idx, start)
                 inv_w, cos_pre, kstar = self._cosines(rows_b, x)
                 dx_b, g_b = self._grads(rows_b, x, cos_pre, kstar, inv_w, is_t, neg, phi,
