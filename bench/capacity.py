@@ -54,12 +54,12 @@ def load(path: str) -> list[dict]:
 
 
 def run(args) -> None:
-    import jax
     from pfc_jax import aot
     most = max(aot.parse_topology(t).num_devices for t in args.topologies
                if aot.parse_topology(t).platform == "gpu") if any(
         aot.parse_topology(t).platform == "gpu" for t in args.topologies) else 1
-    jax.config.update("jax_num_cpu_devices", most)
+    from pfc_jax import platform
+    platform.use_cpu(most)
     done = load(args.out)
     have = {(d["backbone"], d["topology"], d.get("num_classes"), d["kind"]) for d in done}
     for backbone in args.backbones:

@@ -66,10 +66,9 @@ def main():
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--devices", type=int, default=8)
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(HERE))
+    from pfc_jax import platform
+    platform.use_cpu(args.devices)  # before JAX starts
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -33,9 +33,9 @@ GIB = 2**30
 
 
 def child(cfg: dict) -> dict:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={cfg['devices']}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(HERE))
+    from pfc_jax import platform
+    platform.use_cpu(cfg["devices"])  # before JAX starts
     import resource
 
     import jax
@@ -44,7 +44,6 @@ def child(cfg: dict) -> dict:
     import optax
     from jax.sharding import PartitionSpec as P
 
-    sys.path.insert(0, os.path.dirname(HERE))
     from pfc_jax import mesh as mesh_lib
     from pfc_jax import partial_fc as pf
 
@@ -52,7 +51,7 @@ def child(cfg: dict) -> dict:
     mesh = mesh_lib.make_mesh()
     budget = {"logits_budget_mib": cfg["budget_mib"]} if "budget_mib" in cfg else {}
     head_cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, sample_rate=r,
-                             update=cfg["update"], sampler=cfg["sampler"],
+                             row_update=cfg["update"], sampler=cfg["sampler"],
                              matmul_dtype=cfg.get("matmul", "float32"),
                              softmax=cfg.get("softmax", "auto"),
                              fused_update=cfg.get("fused", True), **budget)

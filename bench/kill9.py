@@ -49,7 +49,14 @@ def child_env(devices: int = 8) -> dict:
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     import tempfile
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+    sys.path.insert(0, REPO)
+    from pfc_jax import platform
+    if platform.present_platforms() == ["cpu"]:
+        # The trainer chooses its platform itself, as on a user's CPU host.
+        env.pop("JAX_PLATFORMS", None)
+    else:
+        env["JAX_PLATFORMS"] = "cpu"  # an accelerator host: still the 8-device CPU mesh
+    env.update(PYTHONUNBUFFERED="1",
                XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
                JAX_COMPILATION_CACHE_DIR=env.get(
                    "JAX_COMPILATION_CACHE_DIR",

@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
-    from pfc_jax.data.recordio import RecordIOWriter
+    from pfc_jax.data.recordio_writer import RecordIOWriter
     from pfc_jax.data.sources import decode_image
     from pfc_jax.evaluate.verification import write_bin
 

@@ -35,10 +35,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--images", type=int, default=512, help="images in the pipeline test file")
     args = ap.parse_args()
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(HERE))
+    from pfc_jax import platform as pfc_platform
+    pfc_platform.use_cpu(args.devices)  # before JAX starts
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
 
@@ -50,7 +49,8 @@ def main():
     from pfc_jax import train
     from pfc_jax.data.augment import AugmentConfig
     from pfc_jax.data.pipeline import PipelineConfig, measure_throughput
-    from pfc_jax.data.recordio import RecordIODataset, RecordIOWriter
+    from pfc_jax.data.recordio import RecordIODataset
+    from pfc_jax.data.recordio_writer import RecordIOWriter
     from pfc_jax.data.synthetic import SyntheticFaces
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__}, "

@@ -156,10 +156,10 @@ def _abstract_batch(trainer):
     import jax
     import jax.numpy as jnp
     from pfc_jax import mesh as mesh_lib
-    from pfc_jax.train import IMAGE_SHAPE
+    from pfc_jax.models import INPUT_SHAPE
     b = trainer.config.batch_size
     sh = mesh_lib.batch_sharding(trainer.mesh)
-    return {"image": jax.ShapeDtypeStruct((b, *IMAGE_SHAPE), jnp.uint8, sharding=sh),
+    return {"image": jax.ShapeDtypeStruct((b, *INPUT_SHAPE), jnp.uint8, sharding=sh),
             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh),
             "valid": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=sh)}
 
@@ -475,9 +475,9 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import jax
+    from pfc_jax import platform
     if target.platform == "gpu":  # before the CPU backend starts
-        jax.config.update("jax_num_cpu_devices", max(target.num_devices, 1))
+        platform.use_cpu(max(target.num_devices, 1))
     memory = None if f.device_memory_gib is None else int(f.device_memory_gib * GIB)
     name = _config_name(sys.argv)
     kw = dict(device_memory_bytes=memory, gpu_memory_fraction=f.gpu_memory_fraction,

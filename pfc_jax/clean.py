@@ -47,10 +47,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
-import sys
-import time
 from typing import Any
 
 import jax
@@ -60,7 +59,10 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from pfc_jax import embed as embed_lib
+from pfc_jax import logs
 from pfc_jax import mesh as mesh_lib
+from pfc_jax import platform
 
 DEFAULT_ANGLE = 75.0
 SWEEP_ANGLES = (60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0)
@@ -273,23 +275,6 @@ class BatchReader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _Progress:
-    """A line per few seconds on a terminal, nothing otherwise."""
-
-    def __init__(self, what: str, total: int, enabled: bool | None = None):
-        self.what, self.total, self.t0, self.last = what, total, time.time(), 0.0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def update(self, done: int):
-        now = time.time()
-        if self.enabled and (now - self.last > 2 or done == self.total):
-            rate = done / max(now - self.t0, 1e-9)
-            eta = (self.total - done) / max(rate, 1e-9)
-            print(f"\r{self.what}: {done}/{self.total} ({rate:.0f}/s, ETA {eta:.0f} s)",
-                  end="\n" if done == self.total else "", file=sys.stderr, flush=True)
-            self.last = now
-
-
 # ------------------------------------------------------------------ restore
 def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
     """(config, source, mesh, embed, table, step) of a training workdir.
@@ -327,11 +312,8 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
     table = restored["head"]["centers"]
     if not isinstance(table, jax.Array):
         raise ValueError(f"{path}: no class table (head.centers) in this checkpoint")
-    variables = jax.device_put(variables, mesh_lib.replicated(mesh))
-
-    @jax.jit
-    def embed(images):
-        return model.apply(variables, train.normalize(images), train=False)
+    embedder = embed_lib.Embedder(model, mesh)
+    embed = functools.partial(embedder.apply, embedder.place(variables))
 
     source = train.build_source(config)
     return config, source, mesh, embed, table, step, head_axes
@@ -346,7 +328,7 @@ def scan_own_centres(reader: BatchReader, scan: TableScan, embed, table,
     cos = np.full((n, k), -2.0, np.float32)
     labels = np.full((n,), -1, np.int64)
     counts = scan.zero_counts()
-    bar = _Progress("embedding", n, progress)
+    bar = logs.Progress("embedding", n, progress)
     for lo, images, y in reader:
         c = scan.own_cosines(table, embed(images), y)
         kstar = jnp.argmax(c, axis=-1).astype(jnp.int32)
@@ -466,7 +448,7 @@ def plot_angles(path: str, angle: np.ndarray, threshold: float, flipped=None) ->
 
 
 def write_recordio(folder: str, source: Any, keep_summary: dict) -> int:
-    from pfc_jax.data.recordio import RecordIOWriter
+    from pfc_jax.data.recordio_writer import RecordIOWriter
     indices, labels = keep_summary["indices"], keep_summary["labels"]
     order = np.argsort(labels, kind="stable")  # identity records want each label's run
     raw = True  # encoded bytes verbatim where the source stores them
@@ -545,17 +527,23 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a command that reads a run: --workdir, --out, --step, --batch-size."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--workdir", required=True, help="a training workdir")
+    ap.add_argument("--out", required=True, help="where the outputs and the report go")
+    ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    ap.add_argument("--batch-size", type=int, default=256, help="images per embedding call")
+    return ap
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True, help="a training workdir (K >= 1)")
-    ap.add_argument("--out", required=True, help="where keep.npz and the report go")
+    ap = run_arguments(__doc__.splitlines()[0])
     ap.add_argument("--angle", type=float, default=DEFAULT_ANGLE,
                     help="keep images below this angle to the dominant sub-centre (degrees)")
     ap.add_argument("--mad", type=float, default=None,
                     help="also drop images above median + MAD * 1.4826 * MAD of their class's "
                          "angles (a rule relative to the run; see docs/noise.md)")
-    ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
-    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--recordio", action="store_true",
                     help="also write the cleaned set as a RecordIO folder in --out")
     args = ap.parse_args(argv)
@@ -565,9 +553,7 @@ def main(argv=None) -> dict:
     return report
 
 
-def run():
-    """Console entry point ``pfc-clean``."""
-    main(sys.argv[1:])
+run = platform.entry_point(main)  # the console entry point pfc-clean
 
 
 if __name__ == "__main__":

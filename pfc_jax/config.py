@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_classes=ml_collections.FieldReference(None, field_type=int),
         sample_rate=1.0, scale=64.0, margins=ARCFACE, num_subcenters=1,
         grad_mode="exact", filter_threshold=0.0, filter_mode="mask",
-        matmul_dtype="float32", row_update="lazy", sampler="select",
+        matmul_dtype="float32", row_update="lazy", sampler="select", init_std=0.01,
         # the shard's softmax: whole, or in blocks once [batch, sampled] logits
         # pass the budget; with lazy updates the rows update inside its backward
         softmax="auto", block_size=0, logits_budget_mib=32.0, fused_update=True,
@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
         worker_buffer_size=2,
         # synthetic identities (kind = synthetic)
         synthetic_identities=1000, synthetic_images_per_identity=20,
+        # the identities' seed; None: the run's seed (a second seed, same faces: set it)
+        synthetic_seed=ml_collections.FieldReference(None, field_type=int),
         # augmentations beyond the flip (the reference's optional "dali_aug" set)
         flip=True, lowres_prob=0.0, blur_prob=0.0, color_jitter=0.0, grayscale_prob=0.0,
         # injected label noise for experiments (pfc_jax.data.noise): flipped fraction
@@ -198,10 +200,5 @@ def load_recipe(path: str, arg: str | None = None,
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config(arg) if arg is not None else module.get_config()
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(dict(overrides or {}))
     return c

@@ -36,9 +36,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="default: the config's")
     ap.add_argument("--devices", type=int, default=8)
     args = ap.parse_args(argv)
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.devices}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from pfc_jax import platform
+    platform.use_cpu(args.devices)  # before JAX starts
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
 

@@ -17,7 +17,6 @@ import os
 
 import flax.serialization
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -35,24 +34,15 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def model_from_config(config) -> flax.linen.Module:
-    return models.get_model(config.model.name, embedding_dim=config.model.embedding_dim,
-                            dtype=jnp.dtype(config.model.dtype), dropout=config.model.dropout)
-
-
 def restore_backbone(workdir: str, step: int | None = None):
     """(model, variables, step) from a workdir's checkpoint, without the class table."""
     config = load_workdir_config(workdir)
-    model = model_from_config(config)
-    abstract = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                           jnp.zeros((1, 112, 112, 3)), train=False))
-    target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    model = models.from_config(config.model)
     ckpts = ckpt_lib.Checkpoints(workdir, with_data=False)
     step = ckpts.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
-    variables = ckpts.restore_backbone(step, target=target)
+    variables = ckpts.restore_backbone(step, target=models.abstract_variables(model))
     ckpts.close()
     return model, variables, step
 
@@ -74,18 +64,17 @@ def load_backbone(path: str):
     """(model, variables) from an ``export_backbone`` directory."""
     with open(os.path.join(path, "model.json")) as f:
         meta = json.load(f)
-    model = models.get_model(meta["model"], embedding_dim=meta["embedding_dim"],
-                             dtype=jnp.dtype(meta["dtype"]))
-    abstract = jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
-                           jnp.zeros((1, 112, 112, 3)), train=False))
-    target = {"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {})}
+    model = models.from_config(dict(name=meta["model"], embedding_dim=meta["embedding_dim"],
+                                    dtype=meta["dtype"]))
+    target = models.abstract_variables(model)
     with open(os.path.join(path, "backbone.msgpack"), "rb") as f:
         variables = flax.serialization.from_bytes(target, f.read())
     return model, variables
 
 
 def main(argv=None):
+    from pfc_jax import platform
+    platform.choose()  # before JAX starts (a no-op when it already has)
     ap = argparse.ArgumentParser(description="Export a workdir's backbone for inference.")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)

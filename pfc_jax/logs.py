@@ -114,3 +114,21 @@ class MetricLogger:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+class Progress:
+    """Progress of a long job on stderr: a line per few seconds (done/total, rate,
+    ETA) on a terminal, nothing otherwise or when ``enabled`` is False."""
+
+    def __init__(self, what: str, total: int, enabled: bool | None = None):
+        self.what, self.total, self.t0, self.last = what, total, time.time(), 0.0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def update(self, done: int):
+        now = time.time()
+        if self.enabled and (now - self.last > 2 or done == self.total):
+            rate = done / max(now - self.t0, 1e-9)
+            eta = (self.total - done) / max(rate, 1e-9)
+            print(f"\r{self.what}: {done}/{self.total} ({rate:.0f}/s, ETA {eta:.0f} s)",
+                  end="\n" if done == self.total else "", file=sys.stderr, flush=True)
+            self.last = now

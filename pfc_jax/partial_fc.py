@@ -85,7 +85,7 @@ class HeadConfig:
     filter_threshold: float = 0.0  # 0 disables inter-class filtering
     filter_mode: str = "mask"
     matmul_dtype: str = "float32"
-    update: str = "lazy"
+    row_update: str = "lazy"      # lazy: sampled rows only | dense: the whole table
     sampler: str = "select"
     init_std: float = 0.01
     softmax: str = "auto"          # full | blockwise | auto (blockwise past the budget)
@@ -118,8 +118,8 @@ class HeadConfig:
              f"filter_mode {self.filter_mode!r} is not one of {FILTER_MODES}")
         need(self.matmul_dtype in MATMUL_DTYPES,
              f"matmul_dtype {self.matmul_dtype!r} is not one of {MATMUL_DTYPES}")
-        need(self.update in sparse.UPDATE_MODES,
-             f"update {self.update!r} is not one of {sparse.UPDATE_MODES}")
+        need(self.row_update in sparse.UPDATE_MODES,
+             f"row_update {self.row_update!r} is not one of {sparse.UPDATE_MODES}")
         need(self.sampler in SAMPLERS, f"sampler {self.sampler!r} is not one of {SAMPLERS}")
         need(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
         need(self.softmax in SOFTMAX_MODES,
@@ -200,9 +200,17 @@ class PartialFC:
 
     ``step(state, embeddings, labels, rng) -> (state, embedding_grads, stats)``
     is the jitted, donating head step; ``apply`` is the same function
-    un-jitted, for use inside a larger jitted train step; ``sample``,
-    ``loss``, ``update``, ``fused_step`` and ``RowOps`` are the pieces, for
-    gradient accumulation and tests.
+    un-jitted, for use inside a larger jitted train step. A trainer that
+    interleaves the head with its backbone (gradient accumulation) uses the
+    pieces ``apply`` is made of, all un-jitted:
+
+    - ``init_state(rng)``: the state, inside a larger jitted init;
+    - ``sample_and_gather(centers, labels, rng) -> (idx, rows)``: once per step;
+    - ``grads(rows, idx, embeddings, labels) -> (loss, stats, row_grads,
+      embedding_grads)``: one micro-batch;
+    - ``update(state, idx, row_grads, rows) -> state``: once per step;
+    - or, when ``fuses_update(global_batch)``, ``sample`` and ``fused_step``,
+      which does the last three in one pass.
     """
 
     def __init__(self, config: HeadConfig, mesh: Mesh,
@@ -240,7 +248,7 @@ class PartialFC:
         batch_sh = mesh_lib.batch_sharding(mesh)
         stats_sh = {name: batch_sh for name in SAMPLE_STATS}
         stats_sh.update(mean_loss=repl, num_bad_labels=repl)
-        self._init = jax.jit(self._make_state, out_shardings=self.state_shardings)
+        self._init = jax.jit(self.init_state, out_shardings=self.state_shardings)
         self._step = jax.jit(
             self.apply,
             in_shardings=(self.state_shardings, batch_sh, batch_sh, repl),
@@ -256,7 +264,8 @@ class PartialFC:
         """
         return self._init(rng)
 
-    def _make_state(self, rng: jax.Array) -> HeadState:
+    def init_state(self, rng: jax.Array) -> HeadState:
+        """``init`` un-jitted, for use inside a larger jitted init."""
         c, std, cl = self.config.num_classes, self.config.init_std, self.local_classes
         row_shape = self.table_shape[1:]
 
@@ -425,7 +434,7 @@ class PartialFC:
 
     def fuses_update(self, global_batch: int) -> bool:
         """Whether ``apply`` does the row update inside the blockwise backward."""
-        return (self.config.fused_update and self.config.update == "lazy"
+        return (self.config.fused_update and self.config.row_update == "lazy"
                 and self.softmax_plan(global_batch)[0] == "blockwise")
 
     def _kernel(self, ns: int) -> softmax_ce.ShardCE:
@@ -444,18 +453,29 @@ class PartialFC:
         return kernel.full() if kind == "full" else kernel.blockwise(block)
 
     # ------------------------------------------------------------------ step
-    def loss_and_grads(self, centers, embeddings, labels, rng):
-        """Samples, gathers and differentiates; returns what an update needs."""
-        self.check_batch(embeddings, labels)
+    def sample_and_gather(self, centers, labels, rng):
+        """Samples the step's classes and gathers their rows: ``(idx, rows)``.
+
+        ``rows [P * Ns, K, D]`` is split over the head axes like ``idx``;
+        sentinel slots hold zeros.
+        """
         idx = self.sample(labels, rng)
-        rows = self.ops.gather(centers, idx)
+        return idx, self.ops.gather(centers, idx)
+
+    def grads(self, rows, idx, embeddings, labels):
+        """``loss`` and its gradients for one (micro-)batch.
+
+        Returns ``(loss, stats, row_grads, embedding_grads)``; ``row_grads``
+        is shaped and split like ``rows``.
+        """
+        self.check_batch(embeddings, labels)
         (loss, stats), (row_grads, emb_grads) = jax.value_and_grad(
             self.loss, argnums=(0, 2), has_aux=True)(rows, idx, embeddings, labels)
-        return loss, stats, emb_grads, row_grads, rows, idx
+        return loss, stats, row_grads, emb_grads
 
     def update(self, state: HeadState, idx, row_grads, rows=None) -> HeadState:
         """Applies the head optimizer to the sampled rows (lazy) or the table (dense)."""
-        if self.config.update == "dense":
+        if self.config.row_update == "dense":
             centers, opt_state = sparse.dense_update(
                 self.tx, self.ops, state.centers, state.opt_state, idx, row_grads)
         else:
@@ -471,6 +491,7 @@ class PartialFC:
         gradients or their optimizer state beyond one block at a time.
         Returns ``(loss, stats, embedding_grads, state, row_grad_norm)``.
         """
+        self.check_batch(embeddings, labels)
         ns = idx.shape[0] // self.num_shards
         global_batch = labels.shape[0]
         _, block = self.softmax_plan(global_batch)
@@ -505,13 +526,13 @@ class PartialFC:
 
     def apply(self, state: HeadState, embeddings, labels, rng):
         """One head step (un-jitted): returns (state, embedding_grads, stats)."""
+        self.check_batch(embeddings, labels)
         if self.fuses_update(labels.shape[0]):
-            self.check_batch(embeddings, labels)
             idx = self.sample(labels, rng)
             loss, stats, emb_grads, state, _ = self.fused_step(state, idx, embeddings, labels)
         else:
-            loss, stats, emb_grads, row_grads, rows, idx = self.loss_and_grads(
-                state.centers, embeddings, labels, rng)
+            idx, rows = self.sample_and_gather(state.centers, labels, rng)
+            loss, stats, row_grads, emb_grads = self.grads(rows, idx, embeddings, labels)
             state = self.update(state, idx, row_grads, rows)
         stats = dict(stats, mean_loss=loss,
                      num_bad_labels=jnp.sum(~stats["label_ok"], dtype=jnp.int32))

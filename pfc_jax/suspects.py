@@ -38,17 +38,16 @@ the share of planted twin pairs among the reported duplicates.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pfc_jax import clean as clean_lib
+from pfc_jax import logs, platform
 
 DEFAULT_DUPLICATE_COS = 0.5
 
@@ -59,7 +58,7 @@ def scan(reader, table_scan, embed, table, progress=None) -> dict:
     near = np.full((n,), np.nan, np.float32)
     near_cls = np.full((n,), -1, np.int64)
     labels = np.full((n,), -1, np.int64)
-    bar = clean_lib._Progress("scanning", n, progress)
+    bar = logs.Progress("scanning", n, progress)
     for lo, images, y in reader:
         x = embed(images)
         own = table_scan.own_cosines(table, x, y)
@@ -220,17 +219,13 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", required=True)
+    ap = clean_lib.run_arguments(__doc__.splitlines()[0])
     ap.add_argument("--duplicate-cos", type=float, default=DEFAULT_DUPLICATE_COS,
                     help="report class pairs whose centres are closer than this cosine")
     ap.add_argument("--top", type=int, default=None, help="mislabel rows to write (default all)")
     ap.add_argument("--drop-fraction", type=float, default=None,
                     help="also write keep.npz without this fraction of lowest-margin images "
                          "(for --config.data.keep_list)")
-    ap.add_argument("--step", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args(argv)
     r = find(args.workdir, args.out, duplicate_cos=args.duplicate_cos, top=args.top,
              drop_fraction=args.drop_fraction,
@@ -239,9 +234,7 @@ def main(argv=None) -> dict:
     return r
 
 
-def run():
-    """Console entry point ``pfc-suspects``."""
-    main(sys.argv[1:])
+run = platform.entry_point(main)  # the console entry point pfc-suspects
 
 
 if __name__ == "__main__":

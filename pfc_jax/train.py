@@ -40,13 +40,14 @@ from jax.sharding import PartitionSpec as P
 from pfc_jax import checkpoint as ckpt_lib
 from pfc_jax import config as config_lib
 from pfc_jax import distributed
+from pfc_jax import embed as embed_lib
 from pfc_jax import logs
 from pfc_jax import mesh as mesh_lib
 from pfc_jax import models
 from pfc_jax import partial_fc as pf
 from pfc_jax import preemption
+from pfc_jax.data.augment import normalize
 
-IMAGE_SHAPE = (112, 112, 3)
 NOISE_TRUTH = "noise_truth.npz"  # ground truth of injected label noise, in the workdir
 
 
@@ -88,15 +89,21 @@ def make_optimizers(config, schedule) -> tuple[optax.GradientTransformation, ...
 
 
 def head_config(config) -> pf.HeadConfig:
-    h = config.head
-    return pf.HeadConfig(
-        num_classes=int(h.num_classes), embedding_dim=int(config.model.embedding_dim),
-        num_subcenters=int(h.num_subcenters), sample_rate=float(h.sample_rate),
-        scale=float(h.scale), margins=tuple(float(m) for m in h.margins),
-        grad_mode=h.grad_mode, filter_threshold=float(h.filter_threshold),
-        filter_mode=h.filter_mode, matmul_dtype=h.matmul_dtype, update=h.row_update,
-        sampler=h.sampler, softmax=h.softmax, block_size=int(h.block_size),
-        logits_budget_mib=float(h.logits_budget_mib), fused_update=bool(h.fused_update))
+    """``config.head`` as the head's own config: the same field names (and
+    ``model.embedding_dim``); a field a config lacks (an older run's) keeps
+    ``HeadConfig``'s default."""
+    kw = {f.name: _field_value(f, config.head[f.name])
+          for f in dataclasses.fields(pf.HeadConfig) if f.name in config.head}
+    return pf.HeadConfig(**dict(kw, embedding_dim=int(config.model.embedding_dim)))
+
+
+def _field_value(field: dataclasses.Field, value):
+    """A config value as the type of the HeadConfig field it sets."""
+    if field.name == "margins":
+        return tuple(float(m) for m in value)
+    if field.default is dataclasses.MISSING:  # num_classes
+        return int(value)
+    return type(field.default)(value)
 
 
 def build_source(config, *, held_out: bool = False):
@@ -109,11 +116,13 @@ def build_source(config, *, held_out: bool = False):
     d = config.data
     if d.kind == "synthetic":
         from pfc_jax.data.synthetic import SyntheticFaces
+        seed = d.get("synthetic_seed")
+        seed = config.seed if seed is None else int(seed)
         if held_out:
-            return SyntheticFaces(200, 8, seed=config.seed + 1,
+            return SyntheticFaces(200, 8, seed=seed + 1,
                                   identity_offset=d.synthetic_identities)
         src = SyntheticFaces(d.synthetic_identities, d.synthetic_images_per_identity,
-                             seed=config.seed)
+                             seed=seed)
     else:
         from pfc_jax.data.sources import open_source
         kw = dict(skip_corrupt=d.skip_corrupt)
@@ -158,11 +167,6 @@ def make_loader(config, source):
                  process_count=jax.process_count())
 
 
-def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1], on the device."""
-    return (images.astype(jnp.float32) - 127.5) / 127.5
-
-
 @dataclasses.dataclass
 class Trainer:
     """The model, the head and the jitted functions for one config and mesh."""
@@ -176,8 +180,7 @@ class Trainer:
         self.total_steps = config_lib.total_steps(c)
         self.schedule = make_schedule(c, self.total_steps)
         self.tx, head_tx = make_optimizers(c, self.schedule)
-        self.model = models.get_model(c.model.name, embedding_dim=c.model.embedding_dim,
-                                      dtype=jnp.dtype(c.model.dtype), dropout=c.model.dropout)
+        self.model = models.from_config(c.model)
         self.head = pf.PartialFC(head_config(c), self.mesh, head_tx,
                                  head_axes=c.head_axes, padded_classes=self.padded_classes)
         self.base_key = jax.random.key(c.seed)
@@ -194,22 +197,16 @@ class Trainer:
         self.train_step = jax.jit(
             self._train_step, in_shardings=(self.state_shardings, batch_sh),
             out_shardings=(self.state_shardings, repl), donate_argnums=0)
-        # Replicated out: every process reads the whole batch of embeddings.
-        self.embed = jax.jit(self._embed, in_shardings=(repl, repl, batch_sh),
-                             out_shardings=repl)
+        self.embedder = embed_lib.Embedder(self.model, self.mesh)
 
     def _init_state(self, key) -> TrainState:
         k_model, k_drop, k_head = jax.random.split(key, 3)
         variables = self.model.init({"params": k_model, "dropout": k_drop},
-                                    jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+                                    jnp.zeros((1, *models.INPUT_SHAPE)), train=False)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}),
-                          opt_state=self.tx.init(params), head=self.head._make_state(k_head))
-
-    def _embed(self, params, batch_stats, images):
-        return self.model.apply({"params": params, "batch_stats": batch_stats},
-                                normalize(images), train=False)
+                          opt_state=self.tx.init(params), head=self.head.init_state(k_head))
 
     def _forward(self, params, batch_stats, images, key):
         """Backbone forward in training mode: embeddings, their VJP, new BN statistics."""
@@ -226,8 +223,7 @@ class Trainer:
     def _micro(self, params, batch_stats, rows, idx, images, labels, key):
         """One micro-batch: loss, stats and gradients for backbone and sampled rows."""
         emb, backbone_vjp, batch_stats = self._forward(params, batch_stats, images, key)
-        (loss, stats), (row_grads, emb_grads) = jax.value_and_grad(
-            self.head.loss, argnums=(0, 2), has_aux=True)(rows, idx, emb, labels)
+        loss, stats, row_grads, emb_grads = self.head.grads(rows, idx, emb, labels)
         (grads,) = backbone_vjp(emb_grads.astype(emb.dtype))
         return loss, stats, grads, row_grads, batch_stats
 
@@ -239,10 +235,10 @@ class Trainer:
         # zero loss and gradient in the head, and not counted as bad labels.
         images, labels = batch["image"], batch["label"].astype(jnp.int32)
         valid = batch["valid"]
-        idx = self.head.sample(labels, k_sample)  # one class set for all micro-batches
         if n_acc == 1 and self.head.fuses_update(labels.shape[0]):
             # The rows are updated inside the head's blockwise backward: no
             # gathered copy of the sampled rows or their gradient.
+            idx = self.head.sample(labels, k_sample)
             emb, backbone_vjp, batch_stats = self._forward(
                 state.params, state.batch_stats, images, k_drop)
             loss, stats, emb_grads, head_state, row_grad_norm = self.head.fused_step(
@@ -252,7 +248,8 @@ class Trainer:
             bad = jnp.sum(~stats["label_ok"] & valid)
             return self._finish_step(state, grads, batch_stats, head_state, loss, acc, bad,
                                      row_grad_norm)
-        rows = self.head.ops.gather(state.head.centers, idx)
+        # One class set, gathered once, for all micro-batches.
+        idx, rows = self.head.sample_and_gather(state.head.centers, labels, k_sample)
         if n_acc == 1:
             loss, stats, grads, row_grads, batch_stats = self._micro(
                 state.params, state.batch_stats, rows, idx, images, labels, k_drop)
@@ -303,20 +300,9 @@ class Trainer:
         return new_state, metrics
 
     def embed_fn(self, state):
-        """uint8 host images [b, 112, 112, 3] -> embeddings, for the evaluation helpers.
-
-        With several processes every one of them calls it with the same images
-        (each places the rows of its own devices) and gets all the embeddings.
-        """
-        sharding = mesh_lib.batch_sharding(self.mesh)
-
-        def fn(images):
-            images = np.asarray(images)
-            images = jax.make_array_from_callback(images.shape, sharding,
-                                                  lambda index: images[index])
-            return np.asarray(self.embed(state.params, state.batch_stats, images))
-
-        return fn
+        """uint8 host images [b, 112, 112, 3] -> embeddings (``Embedder.host_fn``)."""
+        return self.embedder.host_fn({"params": state.params,
+                                      "batch_stats": state.batch_stats})
 
 
 # ------------------------------------------------------------------------ the loop
@@ -516,6 +502,8 @@ def main(argv):
 
 def run():
     """Console entry point ``pfc-train``."""
+    from pfc_jax import platform
+    platform.choose()  # before JAX starts: no TPU probing on a host without one
     from absl import app, flags
     from absl import logging as absl_logging
     from ml_collections import config_flags

@@ -2,13 +2,12 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
 
-import jax  # noqa: E402
+from pfc_jax import platform  # noqa: E402
 
-jax.config.update("jax_platforms", "cpu")
+platform.use_cpu(8)
+jax.config.update("jax_platforms", "cpu")  # also where JAX_PLATFORMS named another
 assert jax.device_count() == 8, (
     f"tests need 8 CPU devices, got {jax.device_count()}: was JAX imported before conftest?")
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pfc_jax.data import arrayrecord, folder, recordio, sources
+from pfc_jax.data import arrayrecord, folder, recordio, recordio_writer, sources, tfds_source
 from pfc_jax.data.sources import CorruptRecordError
 
 MAGIC = 0xCED7230A
@@ -86,7 +86,7 @@ def build_rec(tmp_path, name="rec", n_per_class=(2, 1, 3), fmt="png", **kw):
     """A RecordIO dataset written with RecordIOWriter; returns (path, images, labels)."""
     path = tmp_path / name
     images, labels = [], []
-    with recordio.RecordIOWriter(path, image_format=fmt, **kw) as w:
+    with recordio_writer.RecordIOWriter(path, image_format=fmt, **kw) as w:
         for c, n in enumerate(n_per_class):
             for _ in range(n):
                 img = smooth(len(images))
@@ -135,7 +135,7 @@ def test_recordio_reads_hand_built_file(tmp_path):
 
 def test_recordio_writer_bytes_match_the_format(tmp_path):
     image_bytes = b"\xff\xd8\xff not really a jpeg"  # verbatim, 26 bytes: padding needed
-    with recordio.RecordIOWriter(tmp_path / "w") as w:
+    with recordio_writer.RecordIOWriter(tmp_path / "w") as w:
         w.add_image(image_bytes, 7)
         w.add_image(b"\x01\x02\x03\x04", 7, extra_labels=[0.5, 2.0])
         w.add_image(b"\x05", 8, id=MAGIC)
@@ -167,7 +167,7 @@ def test_recordio_multi_part_records_round_trip(tmp_path):
               b"ab" + m + b"cd",  # unaligned magic: one whole record
               b"abcd" + m,  # a magic in the last aligned word
               b"abcd" + m + b"xyz" + m]  # one aligned, one not
-    with recordio.RecordIOWriter(tmp_path / "mp", header=False) as w:
+    with recordio_writer.RecordIOWriter(tmp_path / "mp", header=False) as w:
         for lab, im in enumerate(images):
             w.add_image(im, lab)
     rec = (tmp_path / "mp" / "train.rec").read_bytes()
@@ -210,7 +210,7 @@ def test_recordio_headerless_uses_index_order(tmp_path):
     np.testing.assert_array_equal(src[0]["image"], imgs[2])
     np.testing.assert_array_equal(src[1]["image"], imgs[0])
 
-    with recordio.RecordIOWriter(tmp_path / "w", header=False, write_property=False) as w:
+    with recordio_writer.RecordIOWriter(tmp_path / "w", header=False, write_property=False) as w:
         for i, im in enumerate(imgs):
             w.add_image(im, 2 - i)
     src = recordio.RecordIODataset(tmp_path / "w")
@@ -279,7 +279,7 @@ def test_recordio_missing_files_and_bad_index(tmp_path):
 
 def test_recordio_corrupt_image(tmp_path):
     good = smooth(0)
-    with recordio.RecordIOWriter(tmp_path / "c", image_format="png") as w:
+    with recordio_writer.RecordIOWriter(tmp_path / "c", image_format="png") as w:
         w.add_image(good, 0)
         w.add_image(jpeg(smooth(1))[:60], 1)  # a JPEG cut short
         w.add_image(b"certainly not an image", 1)
@@ -449,7 +449,7 @@ def test_arrayrecord_round_trip_from_folder_reencodes(tmp_path):
 
 
 def test_arrayrecord_conversion_skips_corrupt_only_when_asked(tmp_path):
-    with recordio.RecordIOWriter(tmp_path / "c", image_format="jpeg") as w:
+    with recordio_writer.RecordIOWriter(tmp_path / "c", image_format="jpeg") as w:
         w.add_image(smooth(0), 0)
         w.add_image(b"\xff\xd8\xff\xe0 broken jpeg", 1)
         w.add_image(smooth(2), 1)
@@ -543,7 +543,7 @@ def test_tfds_source_from_a_tiny_local_dataset(tmp_path):
 
     data_dir = str(tmp_path / "tfds")
     PfcTinyFaces(data_dir=data_dir, file_format="array_record").download_and_prepare()
-    src = arrayrecord.TFDSDataset("pfc_tiny_faces", data_dir=data_dir)
+    src = tfds_source.TFDSDataset("pfc_tiny_faces", data_dir=data_dir)
     assert len(src) == 5 and src.num_classes == 3
     got = src.__getitems__(range(5))
     order = [int(np.argmin([np.abs(g["image"].astype(int) - im).sum() for im in imgs]))
@@ -556,4 +556,4 @@ def test_tfds_source_from_a_tiny_local_dataset(tmp_path):
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone[2]["image"], got[2]["image"])
     with pytest.raises(ValueError, match="no feature 'img'"):
-        arrayrecord.TFDSDataset("pfc_tiny_faces", data_dir=data_dir, image_key="img")
+        tfds_source.TFDSDataset("pfc_tiny_faces", data_dir=data_dir, image_key="img")

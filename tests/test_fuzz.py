@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from pfc_jax.data import recordio
+from pfc_jax.data import recordio_writer
 from pfc_jax.data.sources import CorruptRecordError, check_labels, open_source
 from pfc_jax.evaluate import verification as ver
 
@@ -142,7 +142,7 @@ class RecBase:
         self.name, self.header = name, header
         path = os.path.join(folder, name)
         self.images: dict[int, tuple[int, np.ndarray]] = {}  # key -> (label, pixels)
-        with recordio.RecordIOWriter(path, header=header,
+        with recordio_writer.RecordIOWriter(path, header=header,
                                      write_property=write_property) as w:
             for j, label in enumerate(labels):
                 data = encode(smooth(j + (10 if header else 50)))

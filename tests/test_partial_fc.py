@@ -37,10 +37,11 @@ def _centers(head, seed=1, std=1.0):
 def _run(head, centers, x, y, rng):
     @jax.jit
     def f(centers, x, y, rng):
-        return head.loss_and_grads(centers, x, y, rng)
+        idx, rows = head.sample_and_gather(centers, y, rng)
+        return (*head.grads(rows, idx, x, y), idx)
 
     xs, ys = head.shard_batch(x, y)
-    loss, stats, g_emb, g_rows, rows, idx = f(centers, xs, ys, rng)
+    loss, stats, g_rows, g_emb, idx = f(centers, xs, ys, rng)
     return (float(loss), jax.tree.map(np.asarray, stats), np.asarray(g_emb),
             np.asarray(g_rows), np.asarray(idx))
 

@@ -19,11 +19,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "bench"))
 import kill9 as harness  # noqa: E402
 
+from pfc_jax import platform  # noqa: E402
+
+# What libtpu prints when it starts on a host with no TPU.
+LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "host bounds", "TPU_ACCELERATOR_TYPE",
+                "Source Location Trace", "libtpu_init_utils")
+
 
 @pytest.fixture(scope="module")
 def expect(tmp_path_factory):
-    got = harness.reference(str(tmp_path_factory.mktemp("reference") / "run"))
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    got = harness.reference(workdir)
     assert sorted(got) == list(range(1, harness.OVERRIDES["max_steps"] + 1))
+    if platform.present_platforms() == ["cpu"]:
+        # The run chose its platform itself (the harness left JAX_PLATFORMS unset):
+        # libtpu, installed by the tpu extra, must not have probed for a TPU.
+        with open(f"{workdir}.final.log") as f:
+            log = f.read()
+        noise = [line for line in log.splitlines()
+                 if any(m in line for m in LIBTPU_NOISE)]
+        assert not noise, "a CPU run printed libtpu's start-up errors:\n" + "\n".join(noise)
     return got
 
 

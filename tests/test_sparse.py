@@ -15,7 +15,7 @@ LR, MOM, WD = 0.1, 0.9, 5e-4
 
 def _head(tx, update="lazy", sample_rate=0.2):
     cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, scale=16.0, sample_rate=sample_rate,
-                        update=update)
+                        row_update=update)
     return pf.PartialFC(cfg, mesh_lib.make_mesh(), tx)
 
 
@@ -32,8 +32,13 @@ def _host(tree):
 def _grads(head, centers, x, y, rng):
     """Sampled global rows and their gradients, from the same pieces the step uses."""
     xs, ys = head.shard_batch(x, y)
-    out = jax.jit(head.loss_and_grads)(centers, xs, ys, rng)
-    _, _, _, row_grads, _, idx = out
+
+    @jax.jit
+    def f(centers, xs, ys, rng):
+        idx, rows = head.sample_and_gather(centers, ys, rng)
+        return idx, head.grads(rows, idx, xs, ys)[2]
+
+    idx, row_grads = f(centers, xs, ys, rng)
     return np.asarray(idx), np.asarray(row_grads)
 
 

@@ -179,6 +179,33 @@ def test_bad_config_is_explained():
         train.train_and_evaluate(cfg, "/nonexistent/never-created")
 
 
+def test_every_head_field_is_set_from_the_trainer_config_under_its_own_name():
+    import dataclasses
+
+    from pfc_jax import partial_fc as pf
+    from pfc_jax.config import base_config
+    fields = {f.name for f in dataclasses.fields(pf.HeadConfig)} - {"embedding_dim"}
+    assert fields == set(base_config().head), "config.head and HeadConfig differ"
+    # A value unlike every default, per field, through the dotted overrides.
+    changed = {"num_classes": 77, "num_subcenters": 3, "sample_rate": 0.25, "scale": 30.0,
+               "margins": (1.0, 0.0, 0.35), "grad_mode": "straight_through",
+               "filter_threshold": 0.75, "filter_mode": "zero", "matmul_dtype": "bfloat16",
+               "row_update": "dense", "sampler": "topk", "init_std": 0.02,
+               "softmax": "blockwise", "block_size": 256, "logits_budget_mib": 8.0,
+               "fused_update": False}
+    assert set(changed) == fields
+    cfg = _config(**{f"head.{k}": v for k, v in changed.items()}, **{"model.embedding_dim": 96})
+    head = train.head_config(cfg)
+    defaults = pf.HeadConfig(num_classes=1)
+    for name, value in changed.items():
+        assert getattr(head, name) == value and getattr(defaults, name) != value, name
+    assert head.embedding_dim == 96
+    # An older run's config.json without the newer fields: HeadConfig's defaults.
+    del cfg.head["init_std"], cfg.head["fused_update"]
+    head = train.head_config(cfg)
+    assert head.init_std == defaults.init_std and head.fused_update == defaults.fused_update
+
+
 def test_eval_batch_size_defaults_to_a_multiple_of_the_devices():
     from pfc_jax.config import eval_batch_size, validate
     assert [eval_batch_size(None, n) for n in (1, 8, 48, 64, 128, 6144)] == \
@@ -245,7 +272,8 @@ def test_training_top1_is_the_nearest_sampled_centre_without_the_margin():
     gbatch = mesh_lib.host_local_to_global(batch, t.mesh)
     state = t.init(t.base_key)
     # BN-free backbone, no dropout: the eval embedding is the train step's.
-    emb = np.asarray(t.embed(state.params, state.batch_stats, gbatch["image"]), np.float64)
+    emb = np.asarray(t.embedder.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                     gbatch["image"]), np.float64)
     centers = np.asarray(state.head.centers, np.float64).copy()
     # Nine centres moved towards their samples by different amounts: some beat
     # every negative only without the margin.

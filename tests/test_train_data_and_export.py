@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pfc_jax import export, train
-from pfc_jax.data.recordio import RecordIOWriter
+from pfc_jax.data.recordio_writer import RecordIOWriter
 from pfc_jax.data.synthetic import SyntheticFaces
 from pfc_jax.evaluate import __main__ as eval_cli
 from pfc_jax.evaluate import verification

@@ -124,13 +124,12 @@ class ImageFolderDataset(sources.CorruptCounter):
 
     def __getitem__(self, index: Any) -> sources.Example | None:
         i = sources.check_index(index, len(self), repr(self))
-        try:
+
+        def read():
             data, label = self.read_raw(i)
-            image = sources.decode_record_image(data, self.record_name(i))
-        except CorruptRecordError as e:
-            sources.handle_corrupt(self, i, e)
-            return None
-        return sources.make_example(image, label)
+            return sources.decode_record_image(data, self.record_name(i)), label
+
+        return self._example_or_skip(i, read)
 
     def __getitems__(self, indices: Sequence[int]) -> list[sources.Example | None]:
         return [self[i] for i in indices]

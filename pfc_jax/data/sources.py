@@ -147,14 +147,43 @@ def make_example(image: np.ndarray, label: int) -> Example:
 
 
 class CorruptCounter:
-    """Mixin of the sources: the corrupt records met so far in this process.
+    """Base of the file sources: the corrupt records met so far in this process,
+    and what every reader does the same way.
 
-    A source sets ``skip_corrupt`` and ``_corrupt = set()`` and reports
-    through :func:`handle_corrupt`.
+    A source sets ``skip_corrupt``, ``_corrupt = set()`` and ``_num_classes``
+    (None: max label + 1) and reports through :func:`handle_corrupt`.
     """
 
     skip_corrupt: bool
     _corrupt: set[int]
+    _num_classes: int | None
+
+    @property
+    def num_classes(self) -> int:
+        """The count the source's metadata gives, else max label + 1."""
+        if self._num_classes is None:
+            labels = self.labels()
+            self._num_classes = int(labels.max()) + 1 if len(labels) else 0
+        return self._num_classes
+
+    def _example_or_skip(self, i: int, read) -> Example | None:
+        """``make_example(*read())`` for record ``i``; a CorruptRecordError from
+        ``read`` goes to :func:`handle_corrupt` (raised, or None when skipping)."""
+        try:
+            image, label = read()
+        except CorruptRecordError as e:
+            handle_corrupt(self, i, e)
+            return None
+        return make_example(image, label)
+
+    def _label_or_unreadable(self, i: int, read) -> int:
+        """``read()``, record ``i``'s label; ``UNREADABLE_LABEL`` when it is corrupt
+        and skipped."""
+        try:
+            return read()
+        except CorruptRecordError as e:
+            handle_corrupt(self, i, e)
+            return UNREADABLE_LABEL
 
     @property
     def num_corrupt(self) -> int:
@@ -242,7 +271,7 @@ def open_source(kind: str, path: str, **kw: Any) -> Any:
     elif kind == "arrayrecord":
         from pfc_jax.data.arrayrecord import ArrayRecordDataset as cls
     elif kind == "tfds":
-        from pfc_jax.data.arrayrecord import TFDSDataset as cls
+        from pfc_jax.data.tfds_source import TFDSDataset as cls
     else:
         raise ValueError(f"unknown source kind {kind!r}; expected one of {', '.join(KINDS)}")
     return cls(path, **kw)

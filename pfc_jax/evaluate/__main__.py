@@ -11,29 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-import jax
-import numpy as np
+from pfc_jax import platform
 
 
 def make_embed_fn(model, variables, batch_size: int):
-    from pfc_jax import mesh as mesh_lib
-    devices = jax.devices()
-    n = max(d for d in range(1, len(devices) + 1) if batch_size % d == 0)
-    mesh = mesh_lib.make_mesh({"data": n}, devices[:n])
-    sharding = mesh_lib.batch_sharding(mesh)
-    variables = jax.device_put(variables, mesh_lib.replicated(mesh))
-
-    @jax.jit
-    def embed(variables, images):
-        x = (images.astype(np.float32) - 127.5) / 127.5
-        return model.apply(variables, x, train=False)
-
-    def fn(images):
-        return np.asarray(embed(variables, jax.device_put(np.asarray(images), sharding)))
-
-    return fn
+    """Host uint8 images -> embeddings, on the most devices that split the batch."""
+    from pfc_jax import embed
+    return embed.Embedder(model, embed.batch_mesh(batch_size)).host_fn(variables)
 
 
 def main(argv=None) -> dict:
@@ -73,9 +58,7 @@ def main(argv=None) -> dict:
     return out
 
 
-def run():
-    """Console entry point ``pfc-eval``."""
-    main(sys.argv[1:])
+run = platform.entry_point(main)  # the console entry point pfc-eval
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pfc_jax.models.iresnet import STAGE_LAYERS, iresnet
+from pfc_jax.models.iresnet import STAGE_LAYERS, IResNet
 from pfc_jax.models.mobilefacenet import mobilefacenet
 from pfc_jax.models.tiny import TINY_NAMES, tiny
 from pfc_jax.models.vit import CONFIGS as VIT_CONFIGS
-from pfc_jax.models.vit import vit
+from pfc_jax.models.vit import VisionTransformer
 
 NAMES: tuple[str, ...] = ("r18", "r34", "r50", "r100", "r200", "mbf",
                           "vit_t", "vit_s", "vit_b", "vit_l")
@@ -43,12 +43,34 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
     if name in TINY_NAMES:
         return tiny(name, embedding_dim, dtype, dropout)
     if name in STAGE_LAYERS:
-        return iresnet(name, embedding_dim, dtype, dropout)
-    if name in VIT_CONFIGS:
-        return vit(name, embedding_dim, dtype, dropout)
+        return IResNet(layers=STAGE_LAYERS[name], embedding_dim=embedding_dim,
+                       dropout=dropout, dtype=dtype, arch=name)
+    if name in VIT_CONFIGS:  # dropout is the ViT's drop rate
+        return VisionTransformer(config=VIT_CONFIGS[name], embedding_dim=embedding_dim,
+                                 drop_rate=dropout, dtype=dtype, arch=name)
     if dropout != 0.0:
         raise ValueError(f"backbone 'mbf' has no dropout layer; got dropout={dropout}")
     return mobilefacenet(embedding_dim, dtype)
+
+
+def from_config(model_config) -> nn.Module:
+    """The backbone a config's ``model`` block names (``name``, ``embedding_dim``,
+    ``dtype``, ``dropout``; the last two may be absent)."""
+    get = model_config.get  # a ConfigDict or a dict
+    return get_model(get("name"), embedding_dim=int(get("embedding_dim")),
+                     dtype=jnp.dtype(get("dtype") or "float32"),
+                     dropout=float(get("dropout") or 0.0))
+
+
+INPUT_SHAPE = (112, 112, 3)
+
+
+def abstract_variables(model: nn.Module) -> dict:
+    """``{"params", "batch_stats"}`` of ``model`` as shapes, for a restore target."""
+    out = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                           jnp.zeros((1, *INPUT_SHAPE)), train=False))
+    return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
 
 
 def count_params(params: Any) -> int:
@@ -62,4 +84,5 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-__all__ = ["ALL_NAMES", "NAMES", "count_params", "get_model"]
+__all__ = ["ALL_NAMES", "INPUT_SHAPE", "NAMES", "abstract_variables", "count_params",
+           "from_config", "get_model"]

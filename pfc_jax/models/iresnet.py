@@ -151,12 +151,3 @@ class IResNet(nn.Module):
         # Scale frozen at 1 in the reference: not a parameter here.
         x = batch_norm(train, jnp.float32, "features", use_scale=False)(x)
         return x.astype(jnp.float32)
-
-
-def iresnet(name: str, embedding_dim: int = 512, dtype: Dtype = jnp.float32,
-            dropout: float = 0.0) -> IResNet:
-    """Build the IResNet called ``name`` (one of ``STAGE_LAYERS``)."""
-    if name not in STAGE_LAYERS:
-        raise ValueError(f"unknown IResNet {name!r}; known: {sorted(STAGE_LAYERS)}")
-    return IResNet(layers=STAGE_LAYERS[name], embedding_dim=embedding_dim, dropout=dropout,
-                   dtype=dtype, arch=name)

@@ -194,12 +194,3 @@ class VisionTransformer(nn.Module):
         x = nn.Dense(self.embedding_dim, name="feature_fc2", **dense)(x)
         x = batch_norm(train, jnp.float32, "feature_bn2", eps=HEAD_BN_EPS)(x)
         return x.astype(jnp.float32)
-
-
-def vit(name: str, embedding_dim: int = 512, dtype: Dtype = jnp.float32,
-        dropout: float = 0.0) -> VisionTransformer:
-    """Build the ViT called ``name`` (one of ``CONFIGS``); ``dropout`` is its drop rate."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown ViT {name!r}; known: {sorted(CONFIGS)}")
-    return VisionTransformer(config=CONFIGS[name], embedding_dim=embedding_dim,
-                             drop_rate=dropout, dtype=dtype, arch=name)
