@@ -553,8 +553,4 @@ def main(argv=None) -> dict:
     return report
 
 
-run = platform.entry_point(main)  # the console entry point pfc-clean
-
-
-if __name__ == "__main__":
-    run()
+run = platform.entry_point(main, __name__)  # pfc-clean; also python -m

@@ -74,8 +74,12 @@ def choose() -> str | None:
     return platforms
 
 
-def entry_point(main):
-    """The console entry point of a command: ``choose()``, then ``main(sys.argv[1:])``."""
+def entry_point(main, module_name: str):
+    """The console entry point of a command: ``choose()``, then ``main(sys.argv[1:])``.
+
+    Called last in the command's module with its ``__name__``, it also runs
+    the command when the module is executed (``python -m``).
+    """
 
     def run() -> None:
         import sys
@@ -83,6 +87,8 @@ def entry_point(main):
         main(sys.argv[1:])
 
     run.__doc__ = f"Console entry point: {main.__module__}.main after platform.choose()."
+    if module_name == "__main__":
+        run()
     return run
 
 

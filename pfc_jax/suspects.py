@@ -234,8 +234,4 @@ def main(argv=None) -> dict:
     return r
 
 
-run = platform.entry_point(main)  # the console entry point pfc-suspects
-
-
-if __name__ == "__main__":
-    run()
+run = platform.entry_point(main, __name__)  # pfc-suspects; also python -m

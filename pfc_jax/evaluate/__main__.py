@@ -58,8 +58,4 @@ def main(argv=None) -> dict:
     return out
 
 
-run = platform.entry_point(main)  # the console entry point pfc-eval
-
-
-if __name__ == "__main__":
-    run()
+run = platform.entry_point(main, __name__)  # pfc-eval; also python -m
