@@ -29,7 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="mbf,r50")
+    ap.add_argument("--models", default="mbf,r50",
+                    help="backbones, each NAME or NAME:CONV_IMPL (mbf:conv, mbf:shifted)")
+    ap.add_argument("--no-pipeline", action="store_true", help="only the train step")
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--batch", type=int, default=32, help="global batch for the step")
     ap.add_argument("--steps", type=int, default=3)
@@ -56,12 +58,14 @@ def main():
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, JAX {jax.__version__}, "
           f"{args.devices} emulated CPU devices")
     print(f"\nfull train step (float32, global batch {args.batch}, 93,431 classes, r=0.1)")
-    print(f"{'model':>6} {'compile s':>9} {'step s':>8} {'samples/s':>10}")
+    print(f"{'model':>12} {'compile s':>9} {'step s':>8} {'samples/s':>10}")
     step_rates = {}
-    for name in args.models.split(","):
+    for spec in args.models.split(","):
+        name, _, impl = spec.partition(":")
         c = config_lib.sgd_recipe(name, num_classes=93_431, num_images=5_179_510,
                                   sample_rate=0.1)
         c.model.dtype = "float32"
+        c.model.conv_impl = impl or "auto"
         c.batch_size = args.batch
         mesh = mesh_lib.make_mesh(dict(c.mesh))
         trainer = train.Trainer(c, mesh)
@@ -83,10 +87,12 @@ def main():
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t)
         step_s = float(np.median(times))
-        step_rates[name] = args.batch / step_s
-        print(f"{name:>6} {compile_s:>9.1f} {step_s:>8.3f} {args.batch / step_s:>10.1f}",
+        step_rates[spec] = args.batch / step_s
+        print(f"{spec:>12} {compile_s:>9.1f} {step_s:>8.3f} {args.batch / step_s:>10.1f}",
               flush=True)
         del state, compiled, trainer
+    if args.no_pipeline:
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         faces = SyntheticFaces(64, max(1, args.images // 64), seed=0)

@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="r50", embedding_dim=512, dropout=0.0,
         dtype="float32",       # compute dtype: float32 | bfloat16 (params stay float32)
+        # mbf's grouped convs: auto (tap by tap on the CPU, XLA's grouped conv
+        # elsewhere) | conv | shifted; the same parameters and outputs
+        conv_impl="auto",
     ))
 
     c.head = ml_collections.ConfigDict(dict(

@@ -351,3 +351,82 @@ def test_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match=r"r18.*\(2, 3, 112, 112\)"):
         jax.eval_shape(functools.partial(model.init, train=False), RNGS,
                        jnp.zeros((2, 3, 112, 112)))
+
+
+# (name, input shape, features, kernel, stride, pad, groups): mbf's grouped convs.
+GROUPED_CASES = [
+    ("depthwise 3x3", (2, 6, 6, 5), 5, 3, 1, 1, 5),
+    ("depthwise 3x3 stride 2", (2, 7, 7, 4), 4, 3, 2, 1, 4),
+    ("2 channels per group (stem_dw)", (2, 5, 5, 8), 8, 3, 1, 1, 4),
+    ("GDC 7x7 to 1x1", (3, 7, 7, 6), 6, 7, 1, 0, 6),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=[c[0] for c in GROUPED_CASES])
+def test_shifted_grouped_conv_equals_nn_conv_with_feature_groups(case):
+    """Same parameter, same output and gradients (input and kernel) as nn.Conv."""
+    import flax.linen as nn
+
+    from pfc_jax.models.grouped_conv import GroupedConv
+    _, shape, feats, k, stride, pad, groups = case
+    conv = nn.Conv(feats, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+                   feature_group_count=groups, use_bias=False)
+    mine = GroupedConv(feats, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+                       feature_group_count=groups, impl="shifted", dtype=None,
+                       param_dtype=jnp.float64)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=shape)
+    v = conv.init(KEY, jnp.zeros(shape))
+    with jax.enable_x64(True):
+        assert jax.tree.map(jnp.shape, mine.init(KEY, jnp.zeros(shape))) == \
+            jax.tree.map(jnp.shape, v)
+    kernel = rng.normal(size=v["params"]["kernel"].shape)
+    g = rng.normal(size=conv.apply(v, jnp.zeros(shape)).shape)
+    with jax.enable_x64(True):
+        @functools.partial(jax.jit, static_argnums=0)
+        def run(module, x, kernel, g):
+            out, vjp = jax.vjp(lambda x, w: module.apply({"params": {"kernel": w}}, x), x, kernel)
+            return (out, *vjp(g))
+
+        x64, k64, g64 = jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(g)
+        want = run(conv, x64, k64, g64)
+        got = run(mine, x64, k64, g64)
+        # The same linear maps of |x|, |kernel|, |g| bound every sum's terms; a
+        # reordered float64 sum of n terms differs by at most n * eps * that.
+        bound = run(conv, jnp.abs(x64), jnp.abs(k64), jnp.abs(g64))
+        n = k * k * (shape[-1] // groups) * shape[0] * shape[1] * shape[2]
+    eps = np.finfo(np.float64).eps
+    for name, a, b, c in zip(("output", "input grad", "kernel grad"), got, want, bound):
+        assert a.shape == b.shape, name
+        np.testing.assert_array_less(np.abs(np.asarray(a) - np.asarray(b)),
+                                     n * eps * np.asarray(c) + 1e-300, err_msg=name)
+    # The conv form is nn.Conv's own computation, to the bit.
+    same = GroupedConv(feats, (k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+                       feature_group_count=groups, impl="conv")
+    x32 = jnp.asarray(x, jnp.float32)
+    vk = {"params": {"kernel": jnp.asarray(kernel, jnp.float32)}}
+    np.testing.assert_array_equal(np.asarray(same.apply(vk, x32)), np.asarray(conv.apply(vk, x32)))
+
+
+def test_mbf_shifted_and_conv_forms_give_the_same_model():
+    """Whole MobileFaceNet: the same parameters and embeddings with either form of
+    its grouped convolutions (their gradients: per form, in the test above)."""
+    from pfc_jax.models.mobilefacenet import MobileFaceNet
+    a, b = MobileFaceNet(conv_impl="shifted"), MobileFaceNet(conv_impl="conv")
+    x = images(4)
+    va = a.init(RNGS, x, train=False)
+    # The same parameter tree (names, shapes): checkpoints load into either form.
+    assert jax.tree.map(jnp.shape, va) == jax.tree.map(
+        jnp.shape, jax.eval_shape(lambda: b.init(RNGS, x, train=False)))
+    # Training mode: each BN renormalises with batch statistics, so activations
+    # stay O(1) and the forms' rounding differences do not grow through depth.
+    ea, eb = (np.asarray(jax.jit(lambda v, m=m: m.apply(v, x, train=True,
+                                                         mutable=["batch_stats"])[0])(va))
+              for m in (a, b))
+    grouped = [path for path, _ in jax.tree_util.tree_leaves_with_path(va["params"])
+               if any(k in jax.tree_util.keystr(path) for k in ("depthwise", "_dw"))
+               and "kernel" in jax.tree_util.keystr(path)]
+    # Per grouped conv a float32 reordering of <= 49 terms: 49 eps of the scale;
+    # added over the grouped convs, each carried forward at O(1) gain.
+    tol = len(grouped) * 49 * np.finfo(np.float32).eps * np.abs(eb).max()
+    np.testing.assert_allclose(ea, eb, rtol=0, atol=tol)

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pfc_jax.models import grouped_conv
 from pfc_jax.models.iresnet import STAGE_LAYERS, IResNet
 from pfc_jax.models.mobilefacenet import mobilefacenet
 from pfc_jax.models.tiny import TINY_NAMES, tiny
@@ -27,13 +28,17 @@ ALL_NAMES: tuple[str, ...] = NAMES + TINY_NAMES  # plus small CPU backbones (mod
 
 
 def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
-              dropout: float = 0.0) -> nn.Module:
+              dropout: float = 0.0, conv_impl: str = "auto") -> nn.Module:
     """Build backbone ``name`` (one of ``NAMES``).
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``dropout`` is the
     rate of the IResNet head dropout or the ViT drop rate.  MobileFaceNet has no
     dropout layer, so a non-zero rate for it is an error rather than ignored.
+    ``conv_impl`` is how MobileFaceNet computes its grouped convolutions
+    (``models.grouped_conv``: ``auto`` = tap by tap on the CPU, XLA's grouped
+    convolution elsewhere; the same parameters and outputs either way).
     """
+    grouped_conv.resolve(conv_impl)  # validates
     if name not in ALL_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(ALL_NAMES)}")
     if embedding_dim < 1:
@@ -50,16 +55,17 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
                                  drop_rate=dropout, dtype=dtype, arch=name)
     if dropout != 0.0:
         raise ValueError(f"backbone 'mbf' has no dropout layer; got dropout={dropout}")
-    return mobilefacenet(embedding_dim, dtype)
+    return mobilefacenet(embedding_dim, dtype, conv_impl)
 
 
 def from_config(model_config) -> nn.Module:
     """The backbone a config's ``model`` block names (``name``, ``embedding_dim``,
-    ``dtype``, ``dropout``; the last two may be absent)."""
+    ``dtype``, ``dropout``, ``conv_impl``; the last three may be absent)."""
     get = model_config.get  # a ConfigDict or a dict
     return get_model(get("name"), embedding_dim=int(get("embedding_dim")),
                      dtype=jnp.dtype(get("dtype") or "float32"),
-                     dropout=float(get("dropout") or 0.0))
+                     dropout=float(get("dropout") or 0.0),
+                     conv_impl=get("conv_impl") or "auto")
 
 
 INPUT_SHAPE = (112, 112, 3)

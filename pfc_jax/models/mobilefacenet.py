@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pfc_jax.models.grouped_conv import GroupedConv
 from pfc_jax.models.iresnet import PReLU, batch_norm, check_images
 
 Dtype = Any
@@ -41,14 +42,20 @@ class ConvBlock(nn.Module):
     groups: int = 1
     activation: bool = True
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # grouped convs: grouped_conv.IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         p = self.padding
-        x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                    padding=((p, p), (p, p)), feature_group_count=self.groups, use_bias=False,
-                    kernel_init=_KAIMING, dtype=self.dtype, param_dtype=jnp.float32,
-                    name="conv")(x)
+        if self.groups == 1:
+            x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                        padding=((p, p), (p, p)), use_bias=False, kernel_init=_KAIMING,
+                        dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
+        else:  # the same parameter as nn.Conv's, in a form each backend runs fast
+            x = GroupedConv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                            padding=((p, p), (p, p)), feature_group_count=self.groups,
+                            kernel_init=_KAIMING, dtype=self.dtype, param_dtype=jnp.float32,
+                            impl=self.conv_impl, name="conv")(x)
         x = batch_norm(train, self.dtype, "bn")(x)
         if self.activation:
             x = PReLU(name="prelu")(x)
@@ -63,12 +70,13 @@ class DepthWise(nn.Module):
     stride: int = 2
     residual: bool = False
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out = ConvBlock(self.groups, dtype=self.dtype, name="expand")(x, train)
         out = ConvBlock(self.groups, kernel=3, stride=self.stride, padding=1, groups=self.groups,
-                        dtype=self.dtype, name="depthwise")(out, train)
+                        dtype=self.dtype, conv_impl=self.conv_impl, name="depthwise")(out, train)
         out = ConvBlock(self.features, activation=False, dtype=self.dtype,
                         name="project")(out, train)
         if self.residual:
@@ -86,35 +94,37 @@ class MobileFaceNet(nn.Module):
     blocks: tuple[int, int, int, int] = (1, 4, 6, 2)
     scale: int = 2
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"  # depthwise / grouped convs: conv, shifted, or auto (by backend)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, "mbf")
         c1, c2 = 64 * self.scale, 128 * self.scale
-        dt = self.dtype
+        dt, impl = self.dtype, self.conv_impl
         x = x.astype(dt)
         x = ConvBlock(c1, kernel=3, stride=2, padding=1, dtype=dt, name="stem")(x, train)
         if self.blocks[0] == 1:
-            x = ConvBlock(c1, kernel=3, padding=1, groups=64, dtype=dt, name="stem_dw")(x, train)
+            x = ConvBlock(c1, kernel=3, padding=1, groups=64, dtype=dt, conv_impl=impl,
+                          name="stem_dw")(x, train)
         else:
             for i in range(self.blocks[0]):
                 x = DepthWise(c1, groups=128, stride=1, residual=True, dtype=dt,
-                              name=f"res0_{i}")(x, train)
+                              conv_impl=impl, name=f"res0_{i}")(x, train)
         # (features out, expansion groups, residual blocks after, their groups)
         stages = ((c1, 128, self.blocks[1], 128),
                   (c2, 256, self.blocks[2], 256),
                   (c2, 512, self.blocks[3], 256))
         for s, (out_c, down_groups, n_res, res_groups) in enumerate(stages, start=1):
-            x = DepthWise(out_c, groups=down_groups, stride=2, dtype=dt, name=f"down{s}")(
-                x, train)
+            x = DepthWise(out_c, groups=down_groups, stride=2, dtype=dt, conv_impl=impl,
+                          name=f"down{s}")(x, train)
             for i in range(n_res):
                 x = DepthWise(out_c, groups=res_groups, stride=1, residual=True, dtype=dt,
-                              name=f"res{s}_{i}")(x, train)
+                              conv_impl=impl, name=f"res{s}_{i}")(x, train)
         x = x.astype(jnp.float32)
         x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train)
         # GDC head: 7x7 depthwise linear conv collapses the 7x7 map to 1x1.
         x = ConvBlock(512, kernel=7, groups=512, activation=False, dtype=jnp.float32,
-                      name="gdc_dw")(x, train)
+                      conv_impl=impl, name="gdc_dw")(x, train)
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(self.embedding_dim, use_bias=False, kernel_init=_KAIMING,
                      dtype=jnp.float32, param_dtype=jnp.float32, name="gdc_fc")(x)
@@ -122,6 +132,7 @@ class MobileFaceNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-def mobilefacenet(embedding_dim: int = 512, dtype: Dtype = jnp.float32) -> MobileFaceNet:
+def mobilefacenet(embedding_dim: int = 512, dtype: Dtype = jnp.float32,
+                  conv_impl: str = "auto") -> MobileFaceNet:
     """The reference recipe's "mbf": blocks (1, 4, 6, 2), scale 2."""
-    return MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype)
+    return MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype, conv_impl=conv_impl)
