@@ -51,7 +51,7 @@ def child_env(devices: int = 8) -> dict:
     import tempfile
     sys.path.insert(0, REPO)
     from pfc_jax import platform
-    if platform.present_platforms() == ["cpu"]:
+    if platform.cpu_only_host():
         # The trainer chooses its platform itself, as on a user's CPU host.
         env.pop("JAX_PLATFORMS", None)
     else:

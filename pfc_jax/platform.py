@@ -3,11 +3,10 @@
 With the ``tpu`` extra installed (libtpu, for the pod-fit check's TPU
 compiles), JAX tries the TPU backend in every process, and on a host with no
 TPU libtpu prints initialisation errors before the first line of the run's
-own output. ``choose()`` (every pfc_jax command calls it first) starts only
-the platforms this host has hardware for when the user named none: the CPU,
-plus CUDA or ROCm where such a card and JAX's plugin for it are present. A
-TPU host, or a user who set ``JAX_PLATFORMS`` / ``jax_platforms``, is left
-as it is. The pod-fit check loads libtpu for its compiles by itself
+own output. ``choose()`` (every pfc_jax command calls it first) starts
+JAX on the CPU alone on a host with no TPU and no GPU when libtpu is
+installed and the user named no platform. A TPU or GPU host, or a user who
+set ``JAX_PLATFORMS`` / ``jax_platforms``, is left to JAX's default. The pod-fit check loads libtpu for its compiles by itself
 (``topology.tpu_devices``), whatever this chose.
 
 ``use_cpu(n)`` is the set-up of the demo, the benches and the tests: ``n``
@@ -35,28 +34,13 @@ def tpu_attached() -> bool:
     return bool(glob.glob("/dev/accel[0-9]*"))
 
 
-def _has_module(*names: str) -> bool:
-    for name in names:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return True
-        except (ImportError, ValueError):
-            continue
-    return False
+def gpu_attached() -> bool:
+    """Whether an NVIDIA or AMD GPU's device files are present."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
 
 
-def present_platforms() -> list[str]:
-    """The platforms this host has hardware and a JAX plugin for, CPU last."""
-    out = []
-    if glob.glob("/dev/nvidia[0-9]*") and _has_module(
-            "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
-            "jax_plugins.xla_cuda13"):
-        out.append("cuda")
-    if os.path.exists("/dev/kfd") and _has_module(
-            "jax_rocm60_plugin", "jax_rocm7_plugin", "jax_plugins.xla_rocm60",
-            "jax_plugins.xla_rocm7"):
-        out.append("rocm")
-    return [*out, "cpu"]
+def cpu_only_host() -> bool:
+    return not tpu_attached() and not gpu_attached()
 
 
 def _user_chose(jax) -> bool:
@@ -64,14 +48,19 @@ def _user_chose(jax) -> bool:
 
 
 def choose() -> str | None:
-    """Restricts JAX to the platforms present when no TPU is attached and the user
-    chose none; returns the platforms set, or None when it left JAX's default."""
+    """On a CPU-only host with libtpu installed and no platform chosen by the
+    user, starts JAX on the CPU alone; returns what it set, or None when it left
+    JAX's default (a TPU or GPU host, no libtpu, or the user's choice)."""
     import jax
-    if _user_chose(jax) or tpu_attached():
+    if _user_chose(jax) or not cpu_only_host():
         return None
-    platforms = ",".join(present_platforms())
-    jax.config.update("jax_platforms", platforms)
-    return platforms
+    try:
+        if importlib.util.find_spec("libtpu") is None:
+            return None  # nothing would probe for a TPU
+    except (ImportError, ValueError):
+        return None
+    jax.config.update("jax_platforms", "cpu")
+    return "cpu"
 
 
 def entry_point(main, module_name: str):
