@@ -23,7 +23,7 @@ test: $(STAMP)
 	@command -v shellcheck >/dev/null 2>&1 || apt-get install -y -qq shellcheck >/dev/null 2>&1 \
 	  || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq shellcheck >/dev/null 2>&1) \
 	  || echo "note: shellcheck could not be installed; its test will be skipped"
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench-head: $(STAMP)
 	$(PY) bench/head.py

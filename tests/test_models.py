@@ -414,7 +414,7 @@ def test_mbf_shifted_and_conv_forms_give_the_same_model():
     from pfc_jax.models.mobilefacenet import MobileFaceNet
     a, b = MobileFaceNet(conv_impl="shifted"), MobileFaceNet(conv_impl="conv")
     x = images(4)
-    va = a.init(RNGS, x, train=False)
+    va = jax.jit(lambda: a.init(RNGS, x, train=False))()
     # The same parameter tree (names, shapes): checkpoints load into either form.
     assert jax.tree.map(jnp.shape, va) == jax.tree.map(
         jnp.shape, jax.eval_shape(lambda: b.init(RNGS, x, train=False)))

@@ -15,6 +15,7 @@ The taps are summed in float32 (float64 inputs: float64) whatever the compute dt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +35,7 @@ def resolve(impl: str) -> str:
     return impl
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))  # one op when called eagerly (init)
 def shifted_conv(x: jax.Array, kernel: jax.Array, stride: int,
                  padding: tuple[tuple[int, int], tuple[int, int]], groups: int) -> jax.Array:
     """NHWC ``x`` * HWIO ``kernel`` with ``groups`` feature groups, tap by tap."""
