@@ -277,6 +277,12 @@ def run(*, workdir=None, model_dir=None, step=None, classes=None, embedding_file
 
     from pfc_jax import export
 
+    if (workdir is None) == (model_dir is None):
+        raise ValueError("invert.run: give one of workdir= and model_dir=")
+    if (classes is None) == (embedding_file is None):
+        raise ValueError("invert.run: give one of classes= and embedding_file=")
+    if classes is not None and workdir is None:
+        raise ValueError("invert.run: class targets need workdir= (the class table)")
     table = None
     if workdir is not None:
         from pfc_jax import clean

@@ -128,6 +128,17 @@ def test_bn_prior_is_zero_when_the_running_statistics_are_the_batch_statistics()
     assert after <= bound, (after, bound, before)
 
 
+def test_run_refuses_targets_it_cannot_serve(tmp_path):
+    out = str(tmp_path / "never")
+    with pytest.raises(ValueError, match="class targets need workdir"):
+        invert.run(model_dir="/m", classes=[1], out=out)
+    with pytest.raises(ValueError, match="one of classes= and embedding_file="):
+        invert.run(workdir="/w", out=out)
+    with pytest.raises(ValueError, match="one of workdir= and model_dir="):
+        invert.run(workdir="/w", model_dir="/m", classes=[1], out=out)
+    assert not os.path.exists(out)
+
+
 def test_total_variation_and_the_grid_on_hand_made_images():
     x = np.zeros((2, 3, 4, 1), np.float32)
     x[0, :, 2:] = 1.0            # one vertical edge, 3 rows tall: TV_w = sqrt(3)
