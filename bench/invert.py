@@ -102,7 +102,7 @@ def main() -> None:
         ref[name] = dict(means=_unit(e.mean(1)), genuine=float(genuine),
                          random=float(impostor))
     from pfc_jax import clean
-    table = _unit(np.asarray(jax.device_get(clean.load_run(wa)[4]))[:, 0])
+    table = _unit(np.asarray(jax.device_get(clean.load_table(wa)[2]))[:, 0])
 
     rows = {}
     for label, weight in (("with BN prior (0.05)", 0.05), ("without BN prior", 0.0)):

@@ -276,11 +276,12 @@ class BatchReader:
 
 
 # ------------------------------------------------------------------ restore
-def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
-    """(config, source, mesh, embed, table, step) of a training workdir.
+def load_table(workdir: str, step: int | None = None, mesh: Mesh | None = None):
+    """(config, mesh, table, step, head_axes): a workdir's class table alone.
 
-    ``embed(images)`` maps a batch-sharded uint8 batch to embeddings on the
-    mesh; ``table`` is the class table restored alone into its sharding.
+    ``table`` is restored from checkpoint ``step`` (default the latest) into
+    its sharding on ``mesh`` (default the run's, or the most devices that
+    split its rows); its optimizer state stays on disk.
     """
     import orbax.checkpoint as ocp
 
@@ -288,8 +289,11 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
     from pfc_jax import export, train
 
     config = export.load_workdir_config(workdir)
-    model, variables, step = export.restore_backbone(workdir, step)
     ckpts = ckpt_lib.Checkpoints(workdir, with_data=False)
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        ckpts.close()
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
     meta = ckpts.meta(step)
     ckpts.close()
     if mesh is None:
@@ -312,6 +316,19 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
     table = restored["head"]["centers"]
     if not isinstance(table, jax.Array):
         raise ValueError(f"{path}: no class table (head.centers) in this checkpoint")
+    return config, mesh, table, step, head_axes
+
+
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None):
+    """(config, source, mesh, embed, table, step, head_axes) of a training workdir.
+
+    ``embed(images)`` maps a batch-sharded uint8 batch to embeddings on the
+    mesh; ``table`` is ``load_table``'s.
+    """
+    from pfc_jax import export, train
+
+    config, mesh, table, step, head_axes = load_table(workdir, step, mesh)
+    model, variables, _ = export.restore_backbone(workdir, step)
     embedder = embed_lib.Embedder(model, mesh)
     embed = functools.partial(embedder.apply, embedder.place(variables))
 

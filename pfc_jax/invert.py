@@ -286,7 +286,7 @@ def run(*, workdir=None, model_dir=None, step=None, classes=None, embedding_file
     table = None
     if workdir is not None:
         from pfc_jax import clean
-        config, _, mesh, _, table, step, head_axes = clean.load_run(workdir, step)
+        config, mesh, table, step, head_axes = clean.load_table(workdir, step)
         model, variables, _ = export.restore_backbone(workdir, step)
     else:
         model, variables = export.load_backbone(model_dir)

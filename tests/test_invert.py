@@ -210,7 +210,7 @@ def test_inversion_beats_the_genuine_pair_cosine_and_the_command_writes_its_imag
     # Cosine to the class's own centre: above the best cosine of a real image of
     # another class to that centre.
     from pfc_jax import clean
-    table = np.asarray(jax.device_get(clean.load_run(workdir)[4]), np.float64)[:, 0]
+    table = np.asarray(jax.device_get(clean.load_table(workdir)[2]), np.float64)[:, 0]
     table /= np.linalg.norm(table, axis=1, keepdims=True)
     others = emb[[4, 6]] @ table[[3, 11]].T  # classes 20, 41 against centres 3, 11
     assert min(result["cosine"]) > others.max(), (result["cosine"], others)
