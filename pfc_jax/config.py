@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
         skip_corrupt=False,
         worker_count=4,
         worker_buffer_size=2,
+        # global batches placed on the devices ahead of the step (a thread); 0: none
+        device_prefetch=2,
         # synthetic identities (kind = synthetic)
         synthetic_identities=1000, synthetic_images_per_identity=20,
         # the identities' seed; None: the run's seed (a second seed, same faces: set it)
@@ -136,6 +138,8 @@ def validate(c, num_devices: int) -> None:
     need(c.optimizer.name in ("sgd", "adamw"), f"unknown optimizer {c.optimizer.name!r}")
     need(c.optimizer.schedule in ("poly", "cosine", "constant"),
          f"unknown schedule {c.optimizer.schedule!r}")
+    need(isinstance(c.data.device_prefetch, int) and c.data.device_prefetch >= 0,
+         f"data.device_prefetch must be an integer >= 0, got {c.data.device_prefetch!r}")
     kinds = ("recordio", "folder", "arrayrecord", "tfds", "synthetic")
     need(c.data.kind in kinds, f"data.kind {c.data.kind!r} is not one of {kinds}")
     b = c.eval.batch_size

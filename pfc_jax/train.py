@@ -47,6 +47,7 @@ from pfc_jax import models
 from pfc_jax import partial_fc as pf
 from pfc_jax import preemption
 from pfc_jax.data.augment import normalize
+from pfc_jax.data.prefetch import DevicePrefetch
 
 NOISE_TRUTH = "noise_truth.npz"  # ground truth of injected label noise, in the workdir
 
@@ -409,7 +410,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             f.write(config.to_json_best_effort(indent=2))
 
     loader = make_loader(config, source)
-    data_iter = iter(loader)
+    data_iter = DevicePrefetch(
+        iter(loader), lambda host: mesh_lib.host_local_to_global(
+            {k: host[k] for k in ("image", "label", "valid")}, mesh),
+        depth=config.data.device_prefetch)
     if start is None:
         state = trainer.init(trainer.base_key)
         logger.print(f"training from scratch: {trainer.total_steps} steps of "
@@ -449,9 +453,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     try:
         with preemption.Watch() as watch:
             while step < end:
-                host = next(data_iter)
-                batch = mesh_lib.host_local_to_global(
-                    {k: host[k] for k in ("image", "label", "valid")}, mesh)
+                batch = next(data_iter)  # placed on the devices ahead of time
                 state, metrics = trainer.train_step(state, batch)
                 step += 1
                 flush()  # the previous step's metrics: reading them does not stall the device
@@ -475,6 +477,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         # Also on an error (divergence, bad data): the asynchronous write of the
         # last good checkpoint must commit before the process ends.
         ckpts.close()
+        data_iter.close()  # the prefetch thread, then the loader's workers
     if stopped:
         if jax.process_count() > 1:
             # Process 0 renames the checkpoint into place after the others wrote
