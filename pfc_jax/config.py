@@ -39,8 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
         sample_rate=1.0, scale=64.0, margins=ARCFACE, num_subcenters=1,
         grad_mode="exact", filter_threshold=0.0, filter_mode="mask",
         matmul_dtype="float32", row_update="lazy", sampler="select", init_std=0.01,
-        # the shard's softmax: whole, or in blocks once [batch, sampled] logits
-        # pass the budget; with lazy updates the rows update inside its backward
+        # the shard's softmax: with lazy updates in blocks, the rows updated inside
+        # its backward; unfused, whole until [batch, sampled] logits pass the budget
         softmax="auto", block_size=0, logits_budget_mib=32.0, fused_update=True,
     ))
 

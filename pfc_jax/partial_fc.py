@@ -25,12 +25,14 @@ One step, all under one ``jax.jit``:
 5. the optax update of the touched rows only (``lazy``) or of the whole
    table (``dense``), written back in place into the donated table.
 
-Past ``logits_budget_mib`` the shard's softmax runs in blocks of sampled
-columns (``softmax_ce.ShardCE.blockwise``: online log-sum-exp, recomputing
-backward), so no ``[B_global, Ns]`` array exists; with lazy updates, steps
-2-5 then fuse (``fused_step``): each block's rows are read from the table,
-differentiated and updated in place inside the backward loop, and the step
-needs the table, its optimizer state and a few blocks more.
+With lazy updates steps 2-5 fuse (``fused_step``): the shard's softmax runs
+in blocks of sampled columns (``softmax_ce.ShardCE.fused_update``: online
+log-sum-exp, recomputing backward) and each block's rows are read from the
+table, differentiated and updated in place inside the backward loop, so the
+step needs the table, its optimizer state and a few blocks more, and no
+``[B_global, Ns]`` array exists. Unfused (dense updates, gradient
+accumulation's ``grads``) the logits stay whole up to ``logits_budget_mib``
+and go blockwise past it (``softmax_ce.ShardCE.blockwise``).
 
 Sampling. Negatives are the ``k`` smallest of i.i.d. uniform 32-bit keys
 among a shard's eligible classes. The ``k``-th smallest key is found by a
@@ -88,10 +90,10 @@ class HeadConfig:
     row_update: str = "lazy"      # lazy: sampled rows only | dense: the whole table
     sampler: str = "select"
     init_std: float = 0.01
-    softmax: str = "auto"          # full | blockwise | auto (blockwise past the budget)
+    softmax: str = "auto"          # full | blockwise | auto (fused if lazy, else by the budget)
     block_size: int = 0            # columns per block; 0 = from logits_budget_mib
     logits_budget_mib: float = 32.0  # per-shard logits kept whole up to this; blocks: 1/4
-    fused_update: bool = True      # blockwise + lazy: update rows inside the backward
+    fused_update: bool = True      # lazy: update rows inside the blockwise backward
 
     def validate(self) -> None:
         def need(ok: bool, msg: str):
@@ -356,7 +358,7 @@ class PartialFC:
 
         Differentiable in ``rows`` ([P * Ns, K, D], split over the head axes)
         and ``embeddings`` ([B, D], split over the batch). The softmax is
-        computed whole or blockwise as ``softmax_plan`` says.
+        computed whole or blockwise as ``softmax_plan(B, fused=False)`` says.
         """
         ns = idx.shape[0] // self.num_shards
         global_batch = labels.shape[0]
@@ -389,15 +391,18 @@ class PartialFC:
         tslot = jnp.where(here, slot_of[jnp.clip(local, 0, cl - 1)], -1)
         return x, tslot, label_ok
 
-    def softmax_plan(self, global_batch: int) -> tuple[str, int]:
+    def softmax_plan(self, global_batch: int, *, fused: bool | None = None
+                     ) -> tuple[str, int]:
         """("full" | "blockwise", columns per block) for a global batch size.
 
         A shard's logits are ``[Bg, Ns * K]`` with ``Bg`` its group's batch
-        (the global batch over the replica groups). ``auto`` keeps them whole
-        while they fit in ``logits_budget_mib`` and otherwise takes blocks of
-        a quarter of it, so the temporaries stay flat however the global
-        batch grows. A block's rows ``[cols * K, D]`` (and, fused, their
-        gradient and optimizer rows) are held to the same quarter. The
+        (the global batch over the replica groups). ``fused`` (default:
+        ``fuses_update``) asks for the plan of the fused step, which is
+        always blockwise. Otherwise ``auto`` keeps the logits whole while
+        they fit in ``logits_budget_mib`` and past it takes blocks. Blocks
+        hold a quarter of the budget, so the temporaries stay flat however
+        the global batch grows; a block's rows ``[cols * K, D]`` (and, fused,
+        their gradient and optimizer rows) are held to the same quarter. The
         blocks split ``Ns`` evenly (a multiple of 128 columns when there is
         room), so the clamped last block re-covers few columns.
         """
@@ -405,7 +410,9 @@ class PartialFC:
         ns = self.num_sampled(global_batch)
         group_batch = global_batch * self.num_shards // self.mesh.size
         budget = int(cfg.logits_budget_mib * 2**20) // 4  # float32 elements
-        kind = cfg.softmax
+        if fused is None:
+            fused = self.fuses_update(global_batch)
+        kind = "blockwise" if fused else cfg.softmax
         if kind == "auto":
             kind = "full" if group_batch * ns * cfg.num_subcenters <= budget else "blockwise"
         if kind == "full":
@@ -433,9 +440,20 @@ class PartialFC:
                 and self.mesh.devices.flat[0].platform == "tpu")
 
     def fuses_update(self, global_batch: int) -> bool:
-        """Whether ``apply`` does the row update inside the blockwise backward."""
-        return (self.config.fused_update and self.config.row_update == "lazy"
-                and self.softmax_plan(global_batch)[0] == "blockwise")
+        """Whether ``apply`` does the row update inside the blockwise backward.
+
+        Lazy updates fuse unless ``fused_update`` is off or ``softmax`` is
+        ``full``; ``auto`` fuses whether or not the logits would fit whole.
+        Measured side by side on the CPU mesh (docs/benchmarks.md): the fused
+        step is faster at B = 128 (it neither gathers the sampled rows nor
+        scatters their update as whole copies) and as fast at B = 512, in
+        less memory, although its backward recomputes each block's cosines.
+        The global batch does not enter; the argument keeps the call sites'
+        shape.
+        """
+        del global_batch
+        cfg = self.config
+        return cfg.fused_update and cfg.row_update == "lazy" and cfg.softmax != "full"
 
     def _kernel(self, ns: int) -> softmax_ce.ShardCE:
         cfg = self.config
@@ -448,7 +466,8 @@ class PartialFC:
             num_head_shards=self.num_shards)
 
     def _shard_softmax_ce(self, ns: int, global_batch: int):
-        kind, block = self.softmax_plan(global_batch)
+        """The unfused kernel (``loss`` / ``grads``: gathered rows), by the budget."""
+        kind, block = self.softmax_plan(global_batch, fused=False)
         kernel = self._kernel(ns)
         return kernel.full() if kind == "full" else kernel.blockwise(block)
 
@@ -494,7 +513,7 @@ class PartialFC:
         self.check_batch(embeddings, labels)
         ns = idx.shape[0] // self.num_shards
         global_batch = labels.shape[0]
-        _, block = self.softmax_plan(global_batch)
+        _, block = self.softmax_plan(global_batch, fused=True)
         leaves, treedef = jax.tree.flatten(state.opt_state)
         is_row = [tuple(leaf.shape) == self.table_shape for leaf in leaves]
         step = self._kernel(ns).fused_update(block, self.tx, self.local_classes, is_row,

@@ -198,12 +198,19 @@ def test_fused_full_softmax_needs_little_beyond_the_table():
     (16, 16, 1, 1024 / 2**20, ("blockwise", 4)),  # 64 / 16 wide: under 256, kept as is
 ])
 def test_softmax_plan_follows_the_budget(batch, dim, k, budget_mib, expected):
+    """Unfused (dense rows) the budget decides whole or blocks; the lazy head always
+    takes the fused blockwise step, with the same blocks (one block of Ns where the
+    logits fit: Ns = 125000 is under the 131072 columns of 2**21 / 16)."""
     mesh = mesh_lib.make_mesh({"data": 8})
-    head = pf.PartialFC(pf.HeadConfig(num_classes=1_000_000, embedding_dim=dim,
-                                      num_subcenters=k, logits_budget_mib=budget_mib),
-                        mesh, optax.sgd(0.1))
-    assert head.num_sampled(batch) == 125000
-    assert head.softmax_plan(batch) == expected
+    kw = dict(num_classes=1_000_000, embedding_dim=dim, num_subcenters=k,
+              logits_budget_mib=budget_mib)
+    dense = pf.PartialFC(pf.HeadConfig(row_update="dense", **kw), mesh, optax.sgd(0.1))
+    lazy = pf.PartialFC(pf.HeadConfig(**kw), mesh, optax.sgd(0.1))
+    assert dense.num_sampled(batch) == 125000
+    assert dense.softmax_plan(batch) == expected and not dense.fuses_update(batch)
+    assert lazy.softmax_plan(batch, fused=False) == expected
+    assert lazy.fuses_update(batch)
+    assert lazy.softmax_plan(batch) == ("blockwise", expected[1])
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.3])

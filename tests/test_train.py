@@ -223,7 +223,7 @@ def test_gradient_accumulation_equals_the_large_batch():
     for the whole-logits head and for the blockwise head with its fused row update."""
     model = {"model.name": "convnet_tiny"}
     blocked = {"head.softmax": "blockwise", "head.block_size": 3}
-    cfg1 = _config(**model)
+    cfg1 = _config(**model, **{"head.softmax": "full"})
     cfg2 = _config(grad_accum_steps=2, **model)
     cfg3 = _config(**model, **blocked)
     mesh = train.make_mesh(cfg1)
