@@ -213,6 +213,55 @@ def torch_child(cfg: dict) -> dict:
     return dict(cfg, step_s=sorted(times)[len(times) // 2], torch_threads=torch.get_num_threads())
 
 
+def reference_child(cfg: dict) -> dict:
+    """``arcface_torch``'s own PartialFC_V2 + CombinedMarginLoss + SGD, from a local checkout.
+
+    The checkout is imported unmodified; it calls ``.cuda()`` on its tensors,
+    which becomes the identity here (CPU), and it needs torch.distributed,
+    started as a one-process gloo group.
+    """
+    import socket
+
+    import torch
+    from torch import distributed
+
+    sys.path.insert(0, cfg["reference_dir"])
+    torch.Tensor.cuda = lambda self, *a, **k: self  # CPU: the checkout's .cuda() calls
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                   rank=0, world_size=1)
+    from losses import CombinedMarginLoss
+    from partial_fc_v2 import PartialFC_V2
+
+    torch.manual_seed(0)
+    C, B, D, r = cfg["classes"], cfg["batch"], cfg["dim"], cfg["rate"]
+    head = PartialFC_V2(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, r, False)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(B, D, requires_grad=True)
+    y = torch.randint(0, C, (B,))
+
+    def step():
+        loss = head(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return float(loss)
+
+    step()
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    distributed.destroy_process_group()
+    return dict(cfg, step_s=sorted(times)[len(times) // 2], rss_peak_gib=peak,
+                torch_threads=torch.get_num_threads())
+
+
 def run(cfg: dict) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)],
                          capture_output=True, text=True)
@@ -254,6 +303,36 @@ def full_softmax_rows(base: dict) -> None:
               f"{res['rss_peak_gib'] / res['state_gib']:>20.3f}", flush=True)
 
 
+def reference_rows(base: dict, reference_dir: str) -> None:
+    """The reference's own head against pfc_jax, one process each, in one run."""
+    if not os.path.isfile(os.path.join(reference_dir, "partial_fc_v2.py")):
+        sys.exit(f"--reference-dir {reference_dir}: no partial_fc_v2.py there")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"D={base['dim']}, C=1,000,000, r=0.1, SGD momentum 0.9 + weight decay 5e-4")
+    print(f"{'B':>4} {'ref s':>7} {'ref RSS':>8} "
+          + " ".join(f"{f'{n} dev s':>9} {'RSS':>5} {'speed':>6} {'mem':>5}"
+                     for n in sorted({base['devices'], 1}, reverse=True)))
+    for b in (128, 512):
+        ref = run(dict(impl="reference", reference_dir=os.path.abspath(reference_dir),
+                       classes=1_000_000, batch=b, rate=0.1, dim=base["dim"], steps=3))
+        if "error" in ref:
+            print(f"{b:>4} reference failed: {ref['error']}", flush=True)
+            continue
+        line = f"{b:>4} {ref['step_s']:>7.3f} {ref['rss_peak_gib']:>8.2f}"
+        for n in sorted({base["devices"], 1}, reverse=True):
+            res = run(dict(base, devices=n, classes=1_000_000, batch=b, rate=0.1, steps=4,
+                           bare=False))
+            if "error" in res:
+                line += f" failed: {res['error']}"
+                continue
+            line += (f" {res['step_s']:>9.3f} {res['rss_peak_gib']:>5.2f} "
+                     f"{ref['step_s'] / res['step_s']:>5.2f}x "
+                     f"{res['rss_peak_gib'] / ref['rss_peak_gib']:>5.2f}")
+        print(line, flush=True)
+    print("speed: reference s / pfc_jax s (goal >= 5); mem: pfc_jax / reference peak RSS "
+          "(goal <= 0.6)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -261,18 +340,29 @@ def main():
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--reference-dir", metavar="DIR",
+                    help="a local arcface_torch checkout (the folder holding "
+                         "partial_fc_v2.py): time its own PartialFC_V2 side by side")
+    ap.add_argument("--vs-reference", action="store_true",
+                    help="only the rows of the comparison with --reference-dir: C = 1M, "
+                         "r = 0.1, B = 128 and 512, on --devices and on 1 device")
     ap.add_argument("--full-softmax", action="store_true",
                     help="only the full-softmax memory rows: C = 1M and 2M at r = 1 on "
                          "--devices and on 1 device, today's whole logits beside blockwise")
     args = ap.parse_args()
     if args.child:
         cfg = json.loads(args.child)
-        print(json.dumps(torch_child(cfg) if cfg.get("impl") == "torch" else child(cfg)))
+        fn = {"torch": torch_child, "reference": reference_child}.get(cfg.get("impl"), child)
+        print(json.dumps(fn(cfg)))
         return
 
     base = dict(devices=args.devices, dim=args.dim, update="lazy", sampler="select")
     if args.full_softmax:
         return full_softmax_rows(base)
+    if args.vs_reference:
+        if not args.reference_dir:
+            ap.error("--vs-reference needs --reference-dir")
+        return reference_rows(base, args.reference_dir)
     big = [10_000, 100_000] if args.quick else [100_000, 1_000_000]
     rows = []
     for C in big:

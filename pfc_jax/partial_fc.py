@@ -429,6 +429,18 @@ class PartialFC:
             block = -(-block // 128) * 128  # still <= cols, a multiple of 128
         return kind, max(1, min(block, ns))
 
+    def stashes_cosines(self, global_batch: int) -> bool:
+        """Whether the fused step keeps its forward's ``[Bg, Ns * K]`` cosines.
+
+        It does while they fit ``logits_budget_mib`` (the budget whole logits
+        have); its backward then reads them instead of recomputing each
+        block's matmul, one of the four matmuls a recomputing step does.
+        """
+        cfg = self.config
+        group_batch = global_batch * self.num_shards // self.mesh.size
+        budget = int(cfg.logits_budget_mib * 2**20) // 4  # float32 elements
+        return group_batch * self.num_sampled(global_batch) * cfg.num_subcenters <= budget
+
     def _slices_rows(self, ns: int) -> bool:
         """Whether the fused update reads and writes blocks of rows as slices.
 
@@ -517,7 +529,8 @@ class PartialFC:
         leaves, treedef = jax.tree.flatten(state.opt_state)
         is_row = [tuple(leaf.shape) == self.table_shape for leaf in leaves]
         step = self._kernel(ns).fused_update(block, self.tx, self.local_classes, is_row,
-                                             treedef, self._slices_rows(ns))
+                                             treedef, self._slices_rows(ns),
+                                             self.stashes_cosines(global_batch))
 
         def body(table, leaves, idx, x_local, y_local):
             x, tslot, label_ok = self._group_targets(idx, x_local, y_local)

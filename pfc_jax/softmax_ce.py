@@ -68,13 +68,19 @@ class ShardCE:
     num_head_shards: int
 
     # ----------------------------------------------------------- shared pieces
+    def _inv_norms(self, rows):
+        """rows [n, K, D] raw -> 1 / |w| [n, K]."""
+        n, k = rows.shape[0], self.num_subcenters
+        flat = rows.reshape(n * k, -1)
+        sq = jnp.einsum("nd,nd->n", flat, flat).reshape(n, k)
+        return lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
+
     def _cosines(self, rows, x):
         """rows [n, K, D] raw, x [Bg, D] -> inv_w [n, K], cos_pre [Bg, n], kstar."""
         n, k = rows.shape[0], self.num_subcenters
         mm = jnp.dtype(self.matmul_dtype)
         flat = rows.reshape(n * k, -1)
-        sq = jnp.einsum("nd,nd->n", flat, flat).reshape(n, k)
-        inv_w = lax.rsqrt(jnp.maximum(sq, NORM_EPS**2))
+        inv_w = self._inv_norms(rows)
         raw = jnp.dot(x.astype(mm), flat.astype(mm).T, preferred_element_type=jnp.float32)
         cos_k = raw.reshape(x.shape[0], n, k) * inv_w[None]
         if k > 1:
@@ -207,15 +213,23 @@ class ShardCE:
         live = lax.dynamic_slice_in_dim(valid, start, block) & fresh
         return start, live, is_t, live[None, :] & ~is_t
 
-    def _forward_blocks(self, rows_at, x, tslot, valid, label_ok, block):
-        """Online pass over the blocks: the softmax's log-partition and the stats."""
+    def _forward_blocks(self, rows_at, x, tslot, valid, label_ok, block, stash=False):
+        """Online pass over the blocks: the softmax's log-partition and the stats.
+
+        ``stash``: also keep every block's cosines (``[Bg, Ns]``, and the
+        chosen sub-centre) for a backward that then needs no matmul to
+        recompute them; returned as a last element, else ``None``.
+        """
         n_blocks, block = self._blocks(block)
         bg = x.shape[0]
 
         def body(i, carry):
-            neg_max, neg_sum, c_t, max_neg_cos = carry
+            (neg_max, neg_sum, c_t, max_neg_cos), saved = carry
             start, _, is_t, neg = self._columns(i, block, tslot, valid)
-            _, cos_pre, _ = self._cosines(rows_at(start), x)
+            _, cos_pre, kstar = self._cosines(rows_at(start), x)
+            if stash:
+                saved = tuple(lax.dynamic_update_slice_in_dim(a, b, start, axis=1)
+                              for a, b in zip(saved, (cos_pre, kstar)))
             cos = jnp.clip(cos_pre, -1.0, 1.0)
             c_t = c_t + jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
             max_neg_cos = jnp.maximum(max_neg_cos,
@@ -227,20 +241,27 @@ class ShardCE:
             safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
             neg_sum = (neg_sum * jnp.exp(neg_max - safe)
                        + jnp.sum(jnp.exp(z - safe[:, None]), axis=-1))
-            return new_max, neg_sum, c_t, max_neg_cos
+            return (new_max, neg_sum, c_t, max_neg_cos), saved
 
         vary = (tslot * 0).astype(jnp.float32)  # device-varying zeros, like the carry
         init = (vary - jnp.inf, vary, vary, vary - 2.0)
+        saved = ()
+        if stash:
+            saved = (jnp.zeros((bg, self.ns), jnp.float32) + vary[:, None],)
+            if self.num_subcenters > 1:
+                saved += (jnp.zeros((bg, self.ns), jnp.int8) + vary[:, None].astype(jnp.int8),)
         # Where no negative was kept neg_max stays -inf and neg_sum 0.
-        neg_max, neg_sum, c_t, max_neg_cos = lax.fori_loop(0, n_blocks, body, init)
-        return self._finish(neg_max, neg_sum, c_t, max_neg_cos, tslot, label_ok) + (c_t,)
+        (neg_max, neg_sum, c_t, max_neg_cos), saved = lax.fori_loop(
+            0, n_blocks, body, (init, saved))
+        out = self._finish(neg_max, neg_sum, c_t, max_neg_cos, tslot, label_ok) + (c_t,)
+        return out + ((saved if stash else None),)
 
     def blockwise(self, block: int) -> Callable:
         """``full``'s function and gradients, never holding ``[Bg, Ns]``."""
         n_blocks, block = self._blocks(block)
 
         def forward(rows, x, tslot, valid, label_ok):
-            loss_i, stats, log_z, c_t = self._forward_blocks(
+            loss_i, stats, log_z, c_t, _ = self._forward_blocks(
                 lambda start: lax.dynamic_slice_in_dim(rows, start, block), x, tslot, valid,
                 label_ok, block)
             residuals = (rows, x, tslot, valid, label_ok, c_t, log_z)
@@ -272,7 +293,7 @@ class ShardCE:
     # ------------------------------------------------------ fused update
     def fused_update(self, block: int, tx: optax.GradientTransformation,
                      local_classes: int, is_row: list[bool], treedef,
-                     contiguous: bool = False) -> Callable:
+                     contiguous: bool = False, stash: bool = False) -> Callable:
         """Loss, embedding gradient and the lazy optimizer update in one blockwise pass.
 
         ``step(table, leaves, idx, x, tslot, valid, label_ok, d_loss) -> ((own
@@ -289,7 +310,9 @@ class ShardCE:
         gather/scatter form in place, while with slices it fuses the
         optimizer's arithmetic into the writes, reads each buffer's rows
         after the other was written, and copies both tables. So
-        ``contiguous`` is for TPU.
+        ``contiguous`` is for TPU. ``stash``: the forward keeps the
+        ``[Bg, Ns]`` cosines and the backward reads them instead of
+        recomputing each block's matmul (for when they fit the budget).
         """
         n_blocks, block = self._blocks(block)
         cl = local_classes
@@ -310,8 +333,8 @@ class ShardCE:
             return a.at[rows].set(new, mode="drop")
 
         def step(table, opt_leaves, idx, x, tslot, valid, label_ok, d_loss):
-            loss_i, stats, log_z, c_t = self._forward_blocks(
-                lambda start: read(table, idx, start), x, tslot, valid, label_ok, block)
+            loss_i, stats, log_z, c_t, saved = self._forward_blocks(
+                lambda start: read(table, idx, start), x, tslot, valid, label_ok, block, stash)
             d_loss = jnp.where(label_ok, d_loss, 0.0)
             phi, dphi = self._margin_and_slope(c_t)
 
@@ -319,7 +342,13 @@ class ShardCE:
                 d_x, table, leaves, gsq = carry
                 start, keep, is_t, neg = self._columns(i, block, tslot, valid)
                 rows_b = read(table, idx, start)
-                inv_w, cos_pre, kstar = self._cosines(rows_b, x)
+                if stash:  # re-covered columns read updated rows: masked out below
+                    inv_w = self._inv_norms(rows_b)
+                    cos_pre, *rest = (lax.dynamic_slice_in_dim(a, start, block, axis=1)
+                                      for a in saved)
+                    kstar = rest[0] if rest else None
+                else:
+                    inv_w, cos_pre, kstar = self._cosines(rows_b, x)
                 dx_b, g_b = self._grads(rows_b, x, cos_pre, kstar, inv_w, is_t, neg, phi,
                                         dphi, log_z, d_loss)
                 g_b = g_b.astype(table.dtype)

@@ -71,10 +71,14 @@ def test_blockwise_and_fused_equal_the_whole_logits_head(mesh_i, combo):
     tx = _tx(combo)
     whole = pf.PartialFC(pf.HeadConfig(softmax="full", **kw), mesh, tx, head_axes)
     # block 3 does not divide Ns (37, 19, 10, 5 or 12 per shard): the clamped last
-    # block is exercised everywhere.
-    blocked = pf.PartialFC(pf.HeadConfig(softmax="blockwise", block_size=3, **kw), mesh, tx,
-                           head_axes)
+    # block is exercised everywhere. Half the cases (on each mesh) stash the forward's
+    # cosines for the fused backward, half (a budget of 26 floats) recompute them.
+    stash = (mesh_i + combo) % 2 == 0
+    blocked = pf.PartialFC(pf.HeadConfig(softmax="blockwise", block_size=3,
+                                         logits_budget_mib=32.0 if stash else 1e-4, **kw),
+                           mesh, tx, head_axes)
     assert blocked.softmax_plan(B) == ("blockwise", 3) and blocked.fuses_update(B)
+    assert blocked.stashes_cosines(B) == stash
     assert not whole.fuses_update(B)
     rng = np.random.default_rng(combo)
     x = rng.normal(size=(B, D)).astype(np.float32)
