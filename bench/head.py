@@ -19,6 +19,13 @@ ratios the goals are stated in:
   group's embeddings read by the three matmuls and their gradient written),
   and the step's achieved bandwidth against this machine's, measured in the
   same child by a streaming read+write over the mesh;
+* the roofline time: the floor bytes at the measured bandwidth or the
+  matmul FLOPs at the bare-matmul rate, whichever is longer, and the step's
+  fraction of it (on this CPU the step is compute-bound from B of about 32
+  at D = 512: 6 B D FLOPs per row against its 8 KiB floor);
+* with ``--reference-dir`` pointing at an ``arcface_torch`` checkout and
+  ``--vs-reference``, that project's own PartialFC_V2 + SGD at C = 1M,
+  r = 0.1, B = 128 and 512, beside pfc_jax on the mesh and on one device;
 * with PyTorch installed, a re-implementation of the reference's head in
   plain PyTorch (sampled logits, margin, CE, backward, dense SGD on the full
   table), timed in the same run on the same machine. It is not arcface_torch
@@ -272,6 +279,15 @@ def run(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _roof_s(res: dict) -> float:
+    """The step's roofline time on this machine: its floor bytes at the measured
+    streaming bandwidth or its matmul FLOPs at the bare-matmul rate, whichever
+    is longer (the bare rate stands in for the machine's attainable FLOP/s)."""
+    floor_bytes = res["floor_per_row"] * res["ns"] * res["devices"]
+    flops = res["gflops_step"] * 1e9 * res["step_s"]
+    return max(floor_bytes / (res["machine_gbs"] * 1e9), flops / (res["gflops_bare"] * 1e9))
+
+
 def _plan(res: dict) -> str:
     plan = res.get("softmax_plan", "?")
     if plan == "blockwise":
@@ -393,7 +409,7 @@ def main():
            f"{'Ns/dev':>7} "
            f"{'step s':>8} {'GF/s':>7} {'bare GF/s':>9} {'eff':>5} {'temp GiB':>8} "
            f"{'args GiB':>8} {'table GiB':>9} {'RSS pk GiB':>10} {'B/row':>7} {'floor':>6} "
-           f"{'x floor':>7} {'GB/s':>6} {'of bw':>6}")
+           f"{'x floor':>7} {'GB/s':>6} {'of bw':>6} {'roof s':>7} {'of roof':>7}")
     print(hdr)
     results = []
     for cfg in rows:
@@ -409,7 +425,8 @@ def main():
               f"{res['arg_gib']:>8.3f} {res['table_gib']:>9.3f} {res['rss_peak_gib']:>10.2f} "
               f"{res['bytes_per_row']:>7.0f} {res['floor_per_row']:>6.0f} "
               f"{res['bytes_per_row'] / res['floor_per_row']:>7.2f} {res['step_gbs']:>6.1f} "
-              f"{res['step_gbs'] / res['machine_gbs']:>6.0%}",
+              f"{res['step_gbs'] / res['machine_gbs']:>6.0%} {_roof_s(res):>7.3f} "
+              f"{_roof_s(res) / res['step_s']:>7.0%}",
               flush=True)
     for cfg in torch_rows:
         res = run(cfg)
