@@ -1,5 +1,6 @@
 """The trainer on real file formats, then export and pfc-eval on its checkpoint."""
 
+import json
 import os
 
 import jax
@@ -76,8 +77,12 @@ def test_export_matches_the_checkpoint_and_eval_cli_scores_it(trained, tmp_path)
     path = str(tmp_path / "held.bin")
     verification.write_bin(path, images, issame, fmt="png")
     r1 = eval_cli.main(["--workdir", trained, "--bin", path, "--batch-size", "8"])
-    r2 = eval_cli.main(["--model", out, "--bin", path, "--batch-size", "8"])
+    r2 = eval_cli.main(["--model", out, "--bin", path, "--batch-size", "8",
+                        "--json", str(tmp_path / "m.json"), "--roc", str(tmp_path / "roc")])
     assert r1 == r2 and r1["held"]["num_pairs"] == 20
+    with open(tmp_path / "m.json") as f:  # the curve pfc-plot --roc overlays
+        assert json.load(f) == r2
+    assert (tmp_path / "roc" / "roc_held.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Independent check of the CLI: embed with the exported model directly.
     fn = eval_cli.make_embed_fn(model2, variables2, 8)
     emb = verification.embed(fn, images, 8)

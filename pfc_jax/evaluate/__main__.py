@@ -2,6 +2,7 @@
 
     python -m pfc_jax.evaluate --workdir /ckpt/ms1mv3_r50 --bin /data/lfw.bin --bin /data/cfp_fp.bin
     pfc-eval --model /models/ms1mv3_r50 --bin lfw.bin       # an export_backbone directory
+    pfc-eval --model M --bin lfw.bin --json m.json --roc plots/   # + ROC PNGs, curves in JSON
 
 Embeds each image and its horizontal flip, sums, normalises, and reports
 10-fold accuracy (mean ± std) and TAR at FAR 1e-3 per set.
@@ -30,7 +31,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--bin", action="append", required=True, help="a verification .bin file")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-flip", action="store_true")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", help="also write the results here (with each set's ROC "
+                                   "curve, for pfc-plot --roc)")
+    ap.add_argument("--roc", metavar="DIR", help="also draw DIR/roc_<set>.png per set")
     args = ap.parse_args(argv)
 
     from pfc_jax import export
@@ -51,7 +54,19 @@ def main(argv=None) -> dict:
     print(f"{what}\n{verification.format_results(results)}")
     out = {name: dict(accuracy=r.accuracy_mean, accuracy_std=r.accuracy_std,
                       tar_at_far={str(k): v for k, v in r.tar_at_far.items()},
-                      num_pairs=r.num_pairs) for name, r in results.items()}
+                      num_pairs=r.num_pairs,
+                      roc=None if r.roc is None else dict(far=r.roc[0].tolist(),
+                                                          tar=r.roc[1].tolist()))
+           for name, r in results.items()}
+    if args.roc:
+        from pfc_jax import plots
+        label = f"{what}"
+        for name, r in results.items():
+            if r.roc is None:
+                print(f"{name}: no ROC (the set lacks same or different pairs)")
+                continue
+            print(plots.save(plots.roc_figure({label: r.roc}, f"ROC: {name}"),
+                             f"{args.roc}/roc_{name}.png"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

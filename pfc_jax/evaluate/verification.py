@@ -70,6 +70,7 @@ class VerificationResult:
       best_thresholds: ``[nfolds]`` threshold chosen on the other folds for each fold.
       tar_at_far: ``{far: tar}``; see :func:`tar_at_far_distances`.
       num_pairs: number of pairs evaluated.
+      roc: ``(far, tar)`` over all pairs (:func:`roc_curve`), for plots.
     """
 
     accuracy_mean: float
@@ -78,6 +79,7 @@ class VerificationResult:
     best_thresholds: np.ndarray
     tar_at_far: dict[float, float]
     num_pairs: int
+    roc: tuple[np.ndarray, np.ndarray] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -325,6 +327,34 @@ def tar_at_far_scores(pos_scores: np.ndarray, neg_scores: np.ndarray,
     return tar, float(np.mean(neg > threshold)), threshold
 
 
+def roc_curve(pos_scores: np.ndarray, neg_scores: np.ndarray,
+              max_points: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC, ``(far, tar)`` with FAR ascending, for "accept when score > t".
+
+    Every distinct threshold gives one point, from nothing accepted (0, 0)
+    to everything (1, 1); TAR never falls as FAR grows. With more than
+    ``max_points`` points the curve is read at ``max_points`` FARs spaced
+    evenly in log10 from ``1 / #negatives`` to 1 (plus 0), each with the
+    largest TAR whose FAR does not exceed it: the :func:`tar_at_far_scores`
+    value at that FAR.
+    """
+    pos = np.sort(np.asarray(pos_scores, dtype=np.float64).ravel())
+    neg = np.sort(np.asarray(neg_scores, dtype=np.float64).ravel())
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"roc_curve needs both kinds of pair, got {pos.size} same and "
+                         f"{neg.size} different")
+    t = np.concatenate([[np.inf], np.unique(np.concatenate([pos, neg]))[::-1], [-np.inf]])
+    far = (neg.size - np.searchsorted(neg, t, side="right")) / neg.size
+    tar = (pos.size - np.searchsorted(pos, t, side="right")) / pos.size
+    if far.size > max_points:
+        grid = np.concatenate([[0.0], np.logspace(math.log10(1.0 / neg.size), 0.0,
+                                                  max_points - 1)])
+        # The last point with far <= g (and the largest tar among equal fars).
+        at = np.searchsorted(far, grid * (1 + _FAR_COUNT_SLACK), side="right") - 1
+        far, tar = grid, tar[at]
+    return far, tar
+
+
 def tar_at_far_distances(dist: np.ndarray, issame: np.ndarray,
                          fars: Sequence[float] = DEFAULT_FARS) -> dict[float, float]:
     """TAR at FAR over all pairs, for distances where ``dist < t`` means "same".
@@ -406,6 +436,8 @@ def evaluate(embeddings: np.ndarray, issame: Sequence[bool] | np.ndarray, nfolds
         best_thresholds=best,
         tar_at_far=tar_at_far_distances(dist, issame, fars),
         num_pairs=num_pairs,
+        roc=roc_curve(-dist[issame], -dist[~issame]) if issame.any() and (~issame).any()
+        else None,
     )
 
 
