@@ -405,11 +405,12 @@ def test_folder_errors(tmp_path):
 # ----------------------------------------------------------------------------- ArrayRecord
 
 
-def test_arrayrecord_round_trip_from_recordio(tmp_path):
+def test_arrayrecord_round_trip_from_recordio(tmp_path, capsys):
     path, images, labels = build_rec(tmp_path, fmt="jpeg", n_per_class=(2, 2, 1, 2))
     src = recordio.RecordIODataset(path)
     out = str(tmp_path / "ar" / "faces.array_record")
-    meta = arrayrecord.convert_to_arrayrecord(src, out, num_shards=3)
+    meta = arrayrecord.convert_to_arrayrecord(src, out, num_shards=3, progress=True)
+    assert "converting to faces.array_record: 7/7" in capsys.readouterr().err
     assert meta["num_records"] == 7 and meta["num_classes"] == 4 and meta["num_skipped"] == 0
     names = sorted(os.listdir(tmp_path / "ar"))
     assert names == ["faces-00000-of-00003.array_record", "faces-00001-of-00003.array_record",

@@ -301,6 +301,14 @@ def test_embed_flip_and_partial_batch():
     np.testing.assert_allclose(out, expect, rtol=1e-12, atol=1e-12)
 
     no_flip = ver.embed(_half_means, imgs, batch_size=4, flip=False)
+    # with a progress line: the same numbers, and the count reaches the images
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        again = ver.embed(_half_means, imgs, batch_size=4, flip=False, progress=True, what="e")
+    np.testing.assert_array_equal(again, no_flip)
+    assert "e: 10/10" in err.getvalue()
     expect_nf = _half_means(imgs)
     expect_nf /= np.linalg.norm(expect_nf, axis=1, keepdims=True)
     np.testing.assert_allclose(no_flip, expect_nf, rtol=1e-12, atol=1e-12)

@@ -127,7 +127,8 @@ def _encoded_record(src: Any, i: int, image_format: str, quality: int,
 
 def convert_to_arrayrecord(src: Any, out_path: str | os.PathLike, *, num_shards: int = 1,
                            image_format: str = "jpeg", quality: int = 95,
-                           validate: bool = True) -> dict[str, Any]:
+                           validate: bool = True,
+                           progress: bool | None = None) -> dict[str, Any]:
     """Writes every record of ``src`` (any source) to ArrayRecord file(s) + sidecars.
 
     Images already encoded in ``image_format`` (sources with ``read_raw``:
@@ -144,6 +145,7 @@ def convert_to_arrayrecord(src: Any, out_path: str | os.PathLike, *, num_shards:
       image_format: ``"jpeg"`` or ``"png"``.
       quality: JPEG quality when re-encoding.
       validate: decode copied images once to catch corrupt ones now.
+      progress: a progress line on stderr (None: when it is a terminal).
 
     Returns:
       The sidecar metadata (also written to ``OUT.meta.json``).
@@ -165,6 +167,8 @@ def convert_to_arrayrecord(src: Any, out_path: str | os.PathLike, *, num_shards:
     labels: list[int] = []
     skipped: list[int] = []
     shards = []
+    from pfc_jax import logs
+    bar = logs.Progress(f"converting to {os.path.basename(out_path)}", n, progress)
     for s, path in enumerate(paths):
         writer = ArrayRecordWriter(path, WRITER_OPTIONS)
         count = 0
@@ -183,9 +187,12 @@ def convert_to_arrayrecord(src: Any, out_path: str | os.PathLike, *, num_shards:
                 writer.write(pack_record(rec[1], rec[0]))
                 labels.append(rec[1])
                 count += 1
+                if i % 256 == 0:
+                    bar.update(i + 1)
         finally:
             writer.close()
         shards.append({"file": os.path.basename(path), "num_records": count})
+    bar.update(n)
     np.save(labels_path(out_path), np.array(labels, np.int64))
     meta = {
         "format": FORMAT_NAME,

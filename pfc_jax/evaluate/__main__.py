@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
         vs = verification.load_bin(path)
         sets[vs.name] = vs
     results = verification.verify(make_embed_fn(model, variables, args.batch_size), sets,
-                                  args.batch_size, flip=not args.no_flip)
+                                  args.batch_size, flip=not args.no_flip, progress=None)
     print(f"{what}\n{verification.format_results(results)}")
     out = {name: dict(accuracy=r.accuracy_mean, accuracy_std=r.accuracy_std,
                       tar_at_far={str(k): v for k, v in r.tar_at_far.items()},

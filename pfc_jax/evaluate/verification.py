@@ -226,7 +226,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
-          batch_size: int = 64, flip: bool = True) -> np.ndarray:
+          batch_size: int = 64, flip: bool = True, progress: bool | None = False,
+          what: str = "embedding") -> np.ndarray:
     """Embeds images batch by batch and L2-normalises the result.
 
     ``embed_fn`` receives uint8 ``[batch_size, H, W, 3]`` batches (always this
@@ -234,11 +235,13 @@ def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     jitted function compiles once) and returns ``[batch_size, D]``; input
     normalisation and device placement are its business. With ``flip`` the
     embedding of an image is ``embed_fn(img) + embed_fn(img flipped left-right)``
-    before normalisation.
+    before normalisation. ``progress``: a progress line on stderr
+    (``logs.Progress``; None: when stderr is a terminal).
 
     Returns:
       float64 ``[num_images, D]``, rows of unit norm.
     """
+    from pfc_jax import logs
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must be [n, H, W, C], got shape {images.shape}")
@@ -257,6 +260,7 @@ def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
         return out
 
     chunks = []
+    bar = logs.Progress(what, n, progress)
     for start in range(0, n, batch_size):
         batch = images[start:start + batch_size]
         count = batch.shape[0]
@@ -267,6 +271,7 @@ def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
         if flip:
             feats = feats + run(np.ascontiguousarray(batch[:, :, ::-1]))
         chunks.append(feats[:count])
+        bar.update(start + count)
     return l2_normalize(np.concatenate(chunks, axis=0))
 
 
@@ -443,11 +448,13 @@ def evaluate(embeddings: np.ndarray, issame: Sequence[bool] | np.ndarray, nfolds
 
 def verify(embed_fn: Callable[[np.ndarray], np.ndarray], sets: Mapping[str, VerificationSet],
            batch_size: int = 64, flip: bool = True, nfolds: int = 10,
-           fars: Sequence[float] = DEFAULT_FARS) -> dict[str, VerificationResult]:
+           fars: Sequence[float] = DEFAULT_FARS,
+           progress: bool | None = False) -> dict[str, VerificationResult]:
     """Embeds (:func:`embed`) and evaluates (:func:`evaluate`) each set; keys as in ``sets``."""
     results = {}
     for name, vset in sets.items():
-        emb = embed(embed_fn, vset.images, batch_size=batch_size, flip=flip)
+        emb = embed(embed_fn, vset.images, batch_size=batch_size, flip=flip,
+                    progress=progress, what=f"embedding {name}")
         results[name] = evaluate(emb, vset.issame, nfolds=nfolds, fars=fars)
     return results
 
