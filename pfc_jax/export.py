@@ -1,6 +1,7 @@
 """Backbone-only export and loading, for inference and evaluation.
 
     python -m pfc_jax.export --workdir /ckpt/ms1mv3_r50 --out /models/ms1mv3_r50
+    pfc-export --workdir /ckpt/ms1mv3_r50 --out /models/ms1mv3_r50 --format onnx  # + model.onnx
 
 writes ``backbone.msgpack`` (flax-serialised ``{"params", "batch_stats"}``) and
 ``model.json`` (backbone name, embedding size, input convention). The class
@@ -47,16 +48,38 @@ def restore_backbone(workdir: str, step: int | None = None):
     return model, variables, step
 
 
-def export_backbone(workdir: str, out_dir: str, step: int | None = None) -> str:
+FORMATS = ("msgpack", "onnx")
+ONNX_FILE = "model.onnx"
+ONNX_INPUT = dict(size=[3, 112, 112], layout="NCHW", color="RGB", batch="dynamic",
+                  normalize="(x - 127.5) / 127.5, by the caller")
+
+
+def export_backbone(workdir: str, out_dir: str, step: int | None = None,
+                    formats: tuple[str, ...] = ("msgpack",)) -> str:
+    """Writes the backbone of a workdir's checkpoint; returns ``out_dir``.
+
+    Always ``backbone.msgpack`` + ``model.json`` (what ``load_backbone`` and
+    pfc-eval read); with ``"onnx"`` in ``formats`` also ``model.onnx``
+    (``pfc_jax.onnx_export``: the InsightFace recognition convention).
+    """
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"export format {bad[0]!r} is not one of {FORMATS}")
     model, variables, step = restore_backbone(workdir, step)
     config = load_workdir_config(workdir)
     os.makedirs(out_dir, exist_ok=True)
     host = jax.tree.map(np.asarray, variables)
     with open(os.path.join(out_dir, "backbone.msgpack"), "wb") as f:
         f.write(flax.serialization.to_bytes(host))
+    meta = dict(model=config.model.name, embedding_dim=config.model.embedding_dim,
+                dtype=config.model.dtype, step=int(step), input=INPUT)
+    if "onnx" in formats:
+        from pfc_jax import onnx_export
+        onnx_export.export_onnx(model, host, os.path.join(out_dir, ONNX_FILE))
+        meta["onnx"] = dict(file=ONNX_FILE, input=ONNX_INPUT, opset=onnx_export.OPSET,
+                            input_name=onnx_export.INPUT, output_name=onnx_export.OUTPUT)
     with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump(dict(model=config.model.name, embedding_dim=config.model.embedding_dim,
-                       dtype=config.model.dtype, step=int(step), input=INPUT), f, indent=2)
+        json.dump(meta, f, indent=2)
     return out_dir
 
 
@@ -79,8 +102,11 @@ def main(argv=None):
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    ap.add_argument("--format", choices=FORMATS, default="msgpack",
+                    help="onnx: also model.onnx ([N, 3, 112, 112] NCHW RGB in, normalised by "
+                         "the caller; [N, D] out), beside the msgpack export")
     args = ap.parse_args(argv)
-    print(export_backbone(args.workdir, args.out, args.step))
+    print(export_backbone(args.workdir, args.out, args.step, formats=(args.format,)))
 
 
 if __name__ == "__main__":

@@ -90,6 +90,28 @@ def test_export_matches_the_checkpoint_and_eval_cli_scores_it(trained, tmp_path)
     assert r1["held"]["accuracy"] == pytest.approx(expect.accuracy_mean)
 
 
+def test_pfc_export_writes_onnx_beside_the_msgpack(trained, tmp_path):
+    """--format onnx: the msgpack export and model.onnx, which embeds as it does."""
+    ort = pytest.importorskip("onnxruntime")
+    from pfc_jax.data.augment import normalize
+    out = str(tmp_path / "exported")
+    export.main(["--workdir", trained, "--out", out, "--format", "onnx"])
+    model, v = export.load_backbone(out)
+    with open(os.path.join(out, "model.json")) as f:
+        meta = json.load(f)
+    assert meta["onnx"]["file"] == "model.onnx" and meta["onnx"]["input"]["layout"] == "NCHW"
+    sess = ort.InferenceSession(os.path.join(out, "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    images = np.stack([_faces()[i]["image"] for i in range(3)])
+    x = np.asarray(normalize(jax.numpy.asarray(images)))
+    got = sess.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    want = np.asarray(model.apply(v, x, train=False))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(unit(got), unit(want), rtol=0, atol=1e-4)  # test_onnx.py's bound
+    with pytest.raises(ValueError, match="export format 'tflite'"):
+        export.export_backbone(trained, out, formats=("tflite",))
+
+
 def test_missing_workdir_config_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         export.restore_backbone(str(tmp_path))
