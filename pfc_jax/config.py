@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1     # micro-batches per step; they share one sampled class set
     c.num_epochs = 20
     c.max_steps = ml_collections.FieldReference(None, field_type=int)  # overrides epochs
+    # start the backbone from a pfc_jax export (pfc-export, pfc-import) with a fresh head
+    c.init_from = ml_collections.FieldReference(None, field_type=str)
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="sgd",            # sgd | adamw

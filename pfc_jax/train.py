@@ -24,6 +24,7 @@ One loop, ``train_and_evaluate(config, workdir)``:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -369,6 +370,33 @@ def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int) -
     return metrics
 
 
+def init_backbone_from(state: TrainState, config, shardings: TrainState) -> TrainState:
+    """``state`` with params and BN statistics from the export at ``config.init_from``.
+
+    The export must hold the config's backbone (name and embedding size); the
+    optimizer state stays fresh (zero momentum) and the head is untouched.
+    """
+    from pfc_jax import export
+    path = config.init_from
+    if not os.path.isfile(os.path.join(path, "model.json")):
+        raise FileNotFoundError(f"init_from {path}: no model.json (a pfc-export or "
+                                "pfc-import directory is expected)")
+    with open(os.path.join(path, "model.json")) as f:
+        meta = json.load(f)
+    want = (config.model.name, int(config.model.embedding_dim))
+    got = (meta.get("model"), int(meta.get("embedding_dim", -1)))
+    if got != want:
+        raise ValueError(f"init_from {path} holds {got[0]} with {got[1]}-d embeddings; the "
+                         f"config trains {want[0]} with {want[1]}-d (set model.name / "
+                         "model.embedding_dim to match)")
+    _, variables = export.load_backbone(path)
+    put = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a, s: jax.device_put(np.asarray(a, np.float32), s), tree, sh)
+    return state.replace(params=put(variables["params"], shardings.params),
+                         batch_stats=put(variables.get("batch_stats", {}),
+                                         shardings.batch_stats))
+
+
 def make_mesh(config):
     devices = jax.devices()
     if config.mesh_devices:
@@ -416,6 +444,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         depth=config.data.device_prefetch)
     if start is None:
         state = trainer.init(trainer.base_key)
+        if config.init_from:
+            state = init_backbone_from(state, config, trainer.state_shardings)
+            logger.print(f"backbone initialised from {config.init_from}; the head is new")
         logger.print(f"training from scratch: {trainer.total_steps} steps of "
                      f"{config.batch_size} on {mesh.size} devices {dict(mesh.shape)}; "
                      f"{config.head.num_classes} classes, table {trainer.head.table_shape}, "

@@ -112,6 +112,25 @@ def test_pfc_export_writes_onnx_beside_the_msgpack(trained, tmp_path):
         export.export_backbone(trained, out, formats=("tflite",))
 
 
+def test_training_starts_from_an_export_with_a_fresh_head(trained, recordio_dir, tmp_path):
+    """--config.init_from: with lr 0 the backbone after two steps is the export's, bit
+    for bit, while the head is a fresh draw; a mismatched backbone is refused."""
+    out = export.export_backbone(trained, str(tmp_path / "exported"))
+    overrides = {"data.kind": "recordio", "data.path": recordio_dir, "head.num_classes": IDS,
+                 "data.num_images": IDS * PER_ID, "optimizer.lr": 0.0, "init_from": out,
+                 "seed": 7}
+    work = str(tmp_path / "finetune")
+    train.train_and_evaluate(_config(max_steps=2, **overrides), work)
+    _, v_export = export.load_backbone(out)
+    _, v_run, step = export.restore_backbone(work)
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(v_export["params"]), jax.tree.leaves(v_run["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="holds r_tiny with 128-d embeddings"):
+        train.train_and_evaluate(_config(max_steps=2, **dict(overrides, **{
+            "model.name": "convnet_tiny"})), str(tmp_path / "wrong"))
+
+
 def test_missing_workdir_config_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         export.restore_backbone(str(tmp_path))

@@ -1,0 +1,208 @@
+"""Import of ``arcface_torch`` IResNet weights into pfc_jax.
+
+    pfc-import --torch backbone.pth --out /models/r50_from_torch [--network r50]
+
+reads the state_dict an ``arcface_torch`` run saves (``backbone.pth``) and
+writes a pfc_jax export (``backbone.msgpack`` + ``model.json``), which
+``pfc-eval --model`` scores, ``pfc-export``-style ONNX can be made from, and
+``pfc-train --config.init_from=DIR`` starts from. The network (r18 ... r200)
+and the embedding size are read from the tensors' names and shapes;
+``--network`` only checks them.
+
+What changes on the way in (the function and the numbers it computes stay
+the same):
+
+- layout: convolution kernels ``[O, I, kh, kw]`` -> ``[kh, kw, I, O]``; the FC
+  weight ``[E, C*H*W]`` is re-ordered for pfc_jax's NHWC flattening
+  (``(H, W, C)``) and transposed;
+- names: ``layer2.0.downsample.0`` -> ``layer2_0/downsample_conv`` and so on;
+  BatchNorm ``weight/bias/running_mean/running_var`` -> ``scale/bias/mean/var``;
+  PReLU ``weight`` -> ``slope``;
+- the final BatchNorm1d: arcface_torch freezes its weight at 1 and pfc_jax has
+  no such parameter. A weight ``w != 1`` is carried exactly by the variance:
+  ``(x - m) / sqrt(v + eps) * w == (x - m) / sqrt(v' + eps)`` with
+  ``v' = (v + eps) / w**2 - eps`` (``w > 0``).
+
+Reading a ``.pth`` needs PyTorch (``pip install torch``, the CPU build is
+enough); ``from_state_dict`` takes plain NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from pfc_jax import platform
+from pfc_jax.models.iresnet import BN_EPS, STAGE_LAYERS
+
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.")
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """A ``torch.save``d state_dict (or ``{"state_dict": ...}``) as NumPy arrays."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("reading a .pth needs PyTorch: pip install torch") from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"],
+                                                                       Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: not a state_dict (got {type(obj).__name__})")
+    out = {}
+    for k, v in obj.items():
+        k = k[len("module."):] if k.startswith("module.") else k  # DistributedDataParallel
+        if hasattr(v, "detach"):
+            out[k] = v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+    return out
+
+
+def network_of(sd: Mapping[str, np.ndarray]) -> tuple[str, int]:
+    """(r18 ... r200, embedding size) from a state_dict's names and shapes."""
+    counts = [0, 0, 0, 0]
+    for k in sd:
+        m = _BLOCK.match(k)
+        if m:
+            stage, i = int(m.group(1)) - 1, int(m.group(2))
+            counts[stage] = max(counts[stage], i + 1)
+    for name, layers in STAGE_LAYERS.items():
+        if tuple(counts) == layers:
+            break
+    else:
+        raise ValueError(f"blocks per stage {tuple(counts)} are none of the IResNets "
+                         f"{dict(STAGE_LAYERS)} (is this an arcface_torch IResNet state_dict?)")
+    if "fc.weight" not in sd:
+        raise ValueError("state_dict has no fc.weight: not an arcface_torch IResNet")
+    return name, int(sd["fc.weight"].shape[0])
+
+
+def _take(sd, key, shape=None):
+    if key not in sd:
+        raise KeyError(f"state_dict lacks {key!r}")
+    a = np.asarray(sd[key], np.float32)
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ValueError(f"state_dict {key}: shape {tuple(a.shape)}, expected {tuple(shape)}")
+    return a
+
+
+def _conv(sd, key):
+    return np.transpose(_take(sd, key + ".weight"), (2, 3, 1, 0))  # O I kh kw -> kh kw I O
+
+
+def _bn(sd, key, params, stats, scale=True):
+    if scale:
+        params["scale"] = _take(sd, key + ".weight")
+    params["bias"] = _take(sd, key + ".bias")
+    stats["mean"] = _take(sd, key + ".running_mean")
+    stats["var"] = _take(sd, key + ".running_var")
+
+
+def from_state_dict(sd: Mapping[str, np.ndarray], network: str | None = None):
+    """(model, variables) of pfc_jax's IResNet holding the state_dict's weights."""
+    from pfc_jax import models
+    name, dim = network_of(sd)
+    if network is not None and network != name:
+        raise ValueError(f"the state_dict is {name}, not {network}")
+    model = models.get_model(name, embedding_dim=dim)
+    params: dict = {}
+    stats: dict = {}
+
+    def bn(key, ours, scale=True):
+        p, s = params.setdefault(ours[0], {}), stats.setdefault(ours[0], {})
+        for sub in ours[1:]:
+            p, s = p.setdefault(sub, {}), s.setdefault(sub, {})
+        _bn(sd, key, p, s, scale)
+
+    params["conv1"] = {"kernel": _conv(sd, "conv1")}
+    bn("bn1", ["bn1"])
+    params["prelu"] = {"slope": _take(sd, "prelu.weight")}
+    for stage, blocks in enumerate(STAGE_LAYERS[name]):
+        for i in range(blocks):
+            t, ours = f"layer{stage + 1}.{i}", f"layer{stage + 1}_{i}"
+            blk = params.setdefault(ours, {})
+            for c in ("conv1", "conv2"):
+                blk[c] = {"kernel": _conv(sd, f"{t}.{c}")}
+            for b in ("bn1", "bn2", "bn3"):
+                bn(f"{t}.{b}", [ours, b])
+            blk["prelu"] = {"slope": _take(sd, f"{t}.prelu.weight")}
+            if f"{t}.downsample.0.weight" in sd:
+                blk["downsample_conv"] = {"kernel": _conv(sd, f"{t}.downsample.0")}
+                bn(f"{t}.downsample.1", [ours, "downsample_bn"])
+    bn("bn2", ["bn2"])
+    w = _take(sd, "fc.weight")  # [E, C * H * W], PyTorch's (C, H, W) flattening
+    c = params["layer4_0"]["conv2"]["kernel"].shape[-1]
+    hw = int(round((w.shape[1] // c) ** 0.5))
+    if c * hw * hw != w.shape[1]:
+        raise ValueError(f"fc.weight has {w.shape[1]} inputs, not {c} x H x W")
+    kernel = w.reshape(dim, c, hw, hw).transpose(2, 3, 1, 0).reshape(hw * hw * c, dim)
+    params["fc"] = {"kernel": np.ascontiguousarray(kernel), "bias": _take(sd, "fc.bias")}
+    feat_p, feat_s = {}, {}
+    _bn(sd, "features", feat_p, feat_s, scale=False)
+    scale = _take(sd, "features.weight")
+    if np.any(scale <= 0):
+        raise ValueError("features.weight has entries <= 0: pfc_jax's last BatchNorm has no "
+                         "scale to carry them")
+    feat_s["var"] = ((feat_s["var"] + BN_EPS) / scale**2 - BN_EPS).astype(np.float32)
+    params["features"], stats["features"] = feat_p, feat_s
+    variables = {"params": params, "batch_stats": stats}
+    _check_tree(model, variables)
+    return model, variables
+
+
+def _check_tree(model, variables) -> None:
+    """Every parameter pfc_jax's model has, with its shape, and nothing else."""
+    import jax
+    from pfc_jax import models
+    want = models.abstract_variables(model)
+    flat_want = {jax.tree_util.keystr(p): a.shape
+                 for p, a in jax.tree_util.tree_leaves_with_path(want)}
+    flat_got = {jax.tree_util.keystr(p): np.shape(a)
+                for p, a in jax.tree_util.tree_leaves_with_path(variables)}
+    missing = sorted(set(flat_want) - set(flat_got))
+    extra = sorted(set(flat_got) - set(flat_want))
+    if missing or extra:
+        raise ValueError(f"imported tree differs from pfc_jax's: missing {missing[:5]}, "
+                         f"extra {extra[:5]}")
+    for k, shape in flat_want.items():
+        if tuple(flat_got[k]) != tuple(shape):
+            raise ValueError(f"imported {k}: shape {flat_got[k]}, pfc_jax wants {shape}")
+
+
+def write_export(model_name: str, embedding_dim: int, variables, out_dir: str,
+                 source: str) -> str:
+    """A pfc_jax export directory (what ``export.load_backbone`` reads)."""
+    import flax.serialization
+
+    from pfc_jax import export
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "backbone.msgpack"), "wb") as f:
+        f.write(flax.serialization.to_bytes(variables))
+    with open(os.path.join(out_dir, "model.json"), "w") as f:
+        json.dump(dict(model=model_name, embedding_dim=embedding_dim, dtype="float32",
+                       step=None, input=export.INPUT, imported_from=source), f, indent=2)
+    return out_dir
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description="Import arcface_torch IResNet weights.")
+    ap.add_argument("--torch", required=True, metavar="PTH",
+                    help="an arcface_torch backbone.pth (state_dict)")
+    ap.add_argument("--out", required=True, help="the pfc_jax export directory to write")
+    ap.add_argument("--network", choices=sorted(STAGE_LAYERS),
+                    help="check the state_dict is this network")
+    args = ap.parse_args(argv)
+    sd = load_state_dict(args.torch)
+    model, variables = from_state_dict(sd, args.network)
+    name, dim = network_of(sd)
+    out = write_export(name, dim, variables, args.out, os.path.abspath(args.torch))
+    print(f"{args.torch}: {name}, {dim}-d embeddings -> {out}")
+    return out
+
+
+run = platform.entry_point(main, __name__)

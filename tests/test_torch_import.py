@@ -1,0 +1,136 @@
+"""arcface_torch IResNet weights imported into pfc_jax give the same embeddings.
+
+The PyTorch model below is written here from the published layer definitions
+(arcface_torch's ``backbones/iresnet.py``: the block order, the strides, the
+``downsample.0/1`` and ``features`` names), so its ``state_dict`` has the
+published names and layouts. Random weights, BatchNorm statistics set from
+real face images (one training-mode pass, then eval), and a feature BN
+weight off 1 so the variance folding is exercised. Bound: 1e-4 max abs on
+L2-normalised embeddings, the export issue's; both sides are float32 over
+about 40 layers with their own summation orders (measured near 1e-6).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from pfc_jax import export, torch_import  # noqa: E402
+from pfc_jax.data.augment import normalize  # noqa: E402
+from pfc_jax.data.synthetic import SyntheticFaces  # noqa: E402
+
+TOL = 1e-4
+
+
+class Block(nn.Module):
+    def __init__(self, inplanes, planes, stride, downsample):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes, eps=1e-5)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes, eps=1e-5)
+        self.prelu = nn.PReLU(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes, eps=1e-5)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class TorchIResNet(nn.Module):
+    def __init__(self, layers, num_features=512):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
+        self.prelu = nn.PReLU(64)
+        inplanes = 64
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            mods = []
+            for j in range(blocks):
+                down = None
+                if j == 0:
+                    down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, 2, bias=False),
+                                         nn.BatchNorm2d(planes, eps=1e-5))
+                mods.append(Block(inplanes, planes, 2 if j == 0 else 1, down))
+                inplanes = planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*mods))
+        self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
+        self.dropout = nn.Dropout(0.0)
+        self.fc = nn.Linear(512 * 7 * 7, num_features)
+        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+
+    def forward(self, x):
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.fc(self.dropout(torch.flatten(self.bn2(x), 1)))
+        return self.features(x)
+
+
+@pytest.fixture(scope="module")
+def torch_r18(tmp_path_factory):
+    torch.manual_seed(0)
+    net = TorchIResNet((2, 2, 2, 2))
+    for m in net.modules():  # small weights keep 18 random layers finite
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0, 0.05)
+    faces = SyntheticFaces(4, 2, seed=3)
+    images = np.stack([faces[i]["image"] for i in range(8)])
+    x = np.asarray(normalize(jnp.asarray(images)))  # NHWC, (x - 127.5) / 127.5
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average: one pass sets the images' statistics
+    net.train()
+    with torch.no_grad():
+        net(xt)
+        net.features.weight.uniform_(0.5, 2.0)  # != 1: the variance carries it
+        net.features.bias.normal_(0, 0.1)
+        for m in net.modules():
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.0, 0.5)
+    net.eval()
+    with torch.no_grad():
+        want = net(xt).numpy()
+    path = tmp_path_factory.mktemp("torch") / "backbone.pth"
+    torch.save(net.state_dict(), path)
+    return str(path), x, want
+
+
+def _unit(a):
+    a = np.asarray(a, np.float64)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_an_arcface_torch_state_dict_imports_and_embeds_the_same(torch_r18, tmp_path):
+    path, x, want = torch_r18
+    out = torch_import.main(["--torch", path, "--out", str(tmp_path / "imp"),
+                             "--network", "r18"])
+    model, v = export.load_backbone(out)
+    assert type(model).__name__ == "IResNet" and model.layers == (2, 2, 2, 2)
+    got = jax.jit(lambda x: model.apply(v, x, train=False))(x)
+    np.testing.assert_allclose(_unit(got), _unit(want), rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="is r18, not r50"):
+        torch_import.from_state_dict(torch_import.load_state_dict(path), "r50")
+
+
+def test_the_import_exports_to_onnx_with_the_same_embeddings(torch_r18, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from pfc_jax import onnx_export
+    path, x, want = torch_r18
+    model, v = torch_import.from_state_dict(torch_import.load_state_dict(path))
+    onnx_path = onnx_export.export_onnx(model, v, str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    np.testing.assert_allclose(_unit(got), _unit(want), rtol=0, atol=TOL)
+
+
+def test_a_state_dict_that_is_not_an_iresnet_is_named():
+    sd = {"layer1.0.conv1.weight": np.zeros((64, 64, 3, 3)), "fc.weight": np.zeros((512, 1))}
+    with pytest.raises(ValueError, match=r"blocks per stage \(1, 0, 0, 0\)"):
+        torch_import.network_of(sd)
