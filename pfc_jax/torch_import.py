@@ -1,12 +1,12 @@
-"""Import of ``arcface_torch`` IResNet weights into pfc_jax.
+"""Import of ``arcface_torch`` IResNet and MobileFaceNet weights into pfc_jax.
 
     pfc-import --torch backbone.pth --out /models/r50_from_torch [--network r50]
 
 reads the state_dict an ``arcface_torch`` run saves (``backbone.pth``) and
 writes a pfc_jax export (``backbone.msgpack`` + ``model.json``), which
 ``pfc-eval --model`` scores, ``pfc-export``-style ONNX can be made from, and
-``pfc-train --config.init_from=DIR`` starts from. The network (r18 ... r200)
-and the embedding size are read from the tensors' names and shapes;
+``pfc-train --config.init_from=DIR`` starts from. The network (r18 ... r200,
+mbf) and the embedding size are read from the tensors' names and shapes;
 ``--network`` only checks them.
 
 What changes on the way in (the function and the numbers it computes stay
@@ -15,7 +15,8 @@ the same):
 - layout: convolution kernels ``[O, I, kh, kw]`` -> ``[kh, kw, I, O]``; the FC
   weight ``[E, C*H*W]`` is re-ordered for pfc_jax's NHWC flattening
   (``(H, W, C)``) and transposed;
-- names: ``layer2.0.downsample.0`` -> ``layer2_0/downsample_conv`` and so on;
+- names: ``layer2.0.downsample.0`` -> ``layer2_0/downsample_conv``, mbf's
+  ``layers.3.layers.1.layers.2`` (Sequential indices) -> ``res1_1/project``;
   BatchNorm ``weight/bias/running_mean/running_var`` -> ``scale/bias/mean/var``;
   PReLU ``weight`` -> ``slope``;
 - the final BatchNorm1d: arcface_torch freezes its weight at 1 and pfc_jax has
@@ -63,8 +64,27 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+_MBF_RES = {1: 3, 2: 5, 3: 7}  # our residual stage s -> its index in arcface_torch's layers
+MBF_BLOCKS = (1, 4, 6, 2)
+
+
+def _mbf_blocks(sd) -> tuple[int, ...]:
+    def count(i):
+        pat = re.compile(rf"^layers\.{i}\.layers\.(\d+)\.layers\.0\.")
+        return 1 + max((int(m.group(1)) for k in sd if (m := pat.match(k))), default=-1)
+    first = 1 if "layers.1.layers.0.weight" in sd else count(1)
+    return (first, count(3), count(5), count(7))
+
+
 def network_of(sd: Mapping[str, np.ndarray]) -> tuple[str, int]:
-    """(r18 ... r200, embedding size) from a state_dict's names and shapes."""
+    """(r18 ... r200 or mbf, embedding size) from a state_dict's names and shapes."""
+    if "layers.0.layers.0.weight" in sd:  # arcface_torch's MobileFaceNet
+        blocks = _mbf_blocks(sd)
+        if blocks != MBF_BLOCKS:
+            raise ValueError(f"MobileFaceNet blocks {blocks}: pfc_jax's mbf is {MBF_BLOCKS}")
+        if "features.layers.2.weight" not in sd:
+            raise ValueError("state_dict has no features.layers.2.weight (the GDC linear)")
+        return "mbf", int(sd["features.layers.2.weight"].shape[0])
     counts = [0, 0, 0, 0]
     for k in sd:
         m = _BLOCK.match(k)
@@ -103,13 +123,52 @@ def _bn(sd, key, params, stats, scale=True):
     stats["var"] = _take(sd, key + ".running_var")
 
 
+def _mbf(sd, dim):
+    """MobileFaceNet: arcface_torch's Sequential indices -> pfc_jax's block names."""
+    params: dict = {}
+    stats: dict = {}
+
+    def block(tp, ours, prelu=True):
+        p, st = params.setdefault(ours[0], {}), stats.setdefault(ours[0], {})
+        for sub in ours[1:]:
+            p, st = p.setdefault(sub, {}), st.setdefault(sub, {})
+        p["conv"] = {"kernel": _conv(sd, f"{tp}.layers.0")}
+        p["bn"], st["bn"] = {}, {}
+        _bn(sd, f"{tp}.layers.1", p["bn"], st["bn"])
+        if prelu:
+            p["prelu"] = {"slope": _take(sd, f"{tp}.layers.2.weight")}
+
+    def depthwise(tp, ours):
+        block(f"{tp}.layers.0", [ours, "expand"])
+        block(f"{tp}.layers.1", [ours, "depthwise"])
+        block(f"{tp}.layers.2", [ours, "project"], prelu=False)
+
+    block("layers.0", ["stem"])
+    block("layers.1", ["stem_dw"])
+    for s, idx in _MBF_RES.items():
+        depthwise(f"layers.{idx - 1}", f"down{s}")
+        for i in range(MBF_BLOCKS[s]):
+            depthwise(f"layers.{idx}.layers.{i}", f"res{s}_{i}")
+    block("conv_sep", ["conv_sep"])
+    block("features.layers.0", ["gdc_dw"], prelu=False)
+    params["gdc_fc"] = {"kernel": np.ascontiguousarray(
+        _take(sd, "features.layers.2.weight", (dim, 512)).T)}
+    params["gdc_bn"], stats["gdc_bn"] = {}, {}
+    _bn(sd, "features.layers.3", params["gdc_bn"], stats["gdc_bn"])
+    return {"params": params, "batch_stats": stats}
+
+
 def from_state_dict(sd: Mapping[str, np.ndarray], network: str | None = None):
-    """(model, variables) of pfc_jax's IResNet holding the state_dict's weights."""
+    """(model, variables) of pfc_jax's IResNet or mbf holding the state_dict's weights."""
     from pfc_jax import models
     name, dim = network_of(sd)
     if network is not None and network != name:
         raise ValueError(f"the state_dict is {name}, not {network}")
     model = models.get_model(name, embedding_dim=dim)
+    if name == "mbf":
+        variables = _mbf(sd, dim)
+        _check_tree(model, variables)
+        return model, variables
     params: dict = {}
     stats: dict = {}
 
@@ -190,11 +249,11 @@ def write_export(model_name: str, embedding_dim: int, variables, out_dir: str,
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description="Import arcface_torch IResNet weights.")
+    ap = argparse.ArgumentParser(description="Import arcface_torch IResNet / mbf weights.")
     ap.add_argument("--torch", required=True, metavar="PTH",
                     help="an arcface_torch backbone.pth (state_dict)")
     ap.add_argument("--out", required=True, help="the pfc_jax export directory to write")
-    ap.add_argument("--network", choices=sorted(STAGE_LAYERS),
+    ap.add_argument("--network", choices=sorted(STAGE_LAYERS) + ["mbf"],
                     help="check the state_dict is this network")
     args = ap.parse_args(argv)
     sd = load_state_dict(args.torch)

@@ -134,3 +134,97 @@ def test_a_state_dict_that_is_not_an_iresnet_is_named():
     sd = {"layer1.0.conv1.weight": np.zeros((64, 64, 3, 3)), "fc.weight": np.zeros((512, 1))}
     with pytest.raises(ValueError, match=r"blocks per stage \(1, 0, 0, 0\)"):
         torch_import.network_of(sd)
+
+
+# ------------------------------------------------------------ MobileFaceNet
+class ConvBlock(nn.Module):
+    def __init__(self, in_c, out_c, kernel=1, stride=1, padding=0, groups=1, prelu=True):
+        super().__init__()
+        mods = [nn.Conv2d(in_c, out_c, kernel, stride, padding, groups=groups, bias=False),
+                nn.BatchNorm2d(out_c)]
+        if prelu:
+            mods.append(nn.PReLU(out_c))
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class DepthWise(nn.Module):
+    def __init__(self, in_c, out_c, residual, stride, groups):
+        super().__init__()
+        self.residual = residual
+        self.layers = nn.Sequential(ConvBlock(in_c, groups),
+                                    ConvBlock(groups, groups, 3, stride, 1, groups=groups),
+                                    ConvBlock(groups, out_c, prelu=False))
+
+    def forward(self, x):
+        return x + self.layers(x) if self.residual else self.layers(x)
+
+
+class Residual(nn.Module):
+    def __init__(self, c, n, groups):
+        super().__init__()
+        self.layers = nn.Sequential(*[DepthWise(c, c, True, 1, groups) for _ in range(n)])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class GDC(nn.Module):
+    def __init__(self, num_features):
+        super().__init__()
+        self.layers = nn.Sequential(ConvBlock(512, 512, 7, 1, 0, groups=512, prelu=False),
+                                    nn.Flatten(), nn.Linear(512, num_features, bias=False),
+                                    nn.BatchNorm1d(num_features))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class TorchMobileFaceNet(nn.Module):
+    """The published layout: layers[0..7], conv_sep, features = GDC (LinearBlock 7x7
+    depthwise, Flatten, Linear without bias, BatchNorm1d)."""
+
+    def __init__(self, num_features=512):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            ConvBlock(3, 128, 3, 2, 1), ConvBlock(128, 128, 3, 1, 1, groups=64),
+            DepthWise(128, 128, False, 2, 128), Residual(128, 4, 128),
+            DepthWise(128, 256, False, 2, 256), Residual(256, 6, 256),
+            DepthWise(256, 256, False, 2, 512), Residual(256, 2, 256)])
+        self.conv_sep = ConvBlock(256, 512)
+        self.features = GDC(num_features)
+
+    def forward(self, x):
+        for f in self.layers:
+            x = f(x)
+        return self.features(self.conv_sep(x))
+
+
+def test_an_arcface_torch_mobilefacenet_imports_and_embeds_the_same(tmp_path):
+    torch.manual_seed(1)
+    net = TorchMobileFaceNet()
+    faces = SyntheticFaces(4, 2, seed=3)
+    x = np.asarray(normalize(jnp.asarray(np.stack([faces[i]["image"] for i in range(8)]))))
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(xt)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    net.eval()
+    with torch.no_grad():
+        want = net(xt).numpy()
+    path = tmp_path / "mbf.pth"
+    torch.save(net.state_dict(), path)
+    out = torch_import.main(["--torch", str(path), "--out", str(tmp_path / "imp")])
+    model, v = export.load_backbone(out)
+    model = model.clone(conv_impl="conv")  # equal to the tap-by-tap form (test_models.py)
+    got = jax.jit(lambda x: model.apply(v, x, train=False))(x)
+    np.testing.assert_allclose(_unit(got), _unit(want), rtol=0, atol=TOL)
