@@ -27,7 +27,8 @@ One step, all under one ``jax.jit``:
 
 With lazy updates steps 2-5 fuse (``fused_step``): the shard's softmax runs
 in blocks of sampled columns (``softmax_ce.ShardCE.fused_update``: online
-log-sum-exp, recomputing backward) and each block's rows are read from the
+log-sum-exp; the backward reads the forward's cosines while they fit the
+budget and recomputes them past it) and each block's rows are read from the
 table, differentiated and updated in place inside the backward loop, so the
 step needs the table, its optimizer state and a few blocks more, and no
 ``[B_global, Ns]`` array exists. Unfused (dense updates, gradient
@@ -458,8 +459,8 @@ class PartialFC:
         ``full``; ``auto`` fuses whether or not the logits would fit whole.
         Measured side by side on the CPU mesh (docs/benchmarks.md): the fused
         step is faster at B = 128 (it neither gathers the sampled rows nor
-        scatters their update as whole copies) and as fast at B = 512, in
-        less memory, although its backward recomputes each block's cosines.
+        scatters their update as whole copies) and faster at B = 512 with the
+        forward's cosines kept (``stashes_cosines``), in less memory.
         The global batch does not enter; the argument keeps the call sites'
         shape.
         """
