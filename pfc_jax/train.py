@@ -370,13 +370,8 @@ def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int) -
     return metrics
 
 
-def init_backbone_from(state: TrainState, config, shardings: TrainState) -> TrainState:
-    """``state`` with params and BN statistics from the export at ``config.init_from``.
-
-    The export must hold the config's backbone (name and embedding size); the
-    optimizer state stays fresh (zero momentum) and the head is untouched.
-    """
-    from pfc_jax import export
+def _init_from_meta(config) -> dict:
+    """The export at ``config.init_from``, checked to hold the config's backbone."""
     path = config.init_from
     if not os.path.isfile(os.path.join(path, "model.json")):
         raise FileNotFoundError(f"init_from {path}: no model.json (a pfc-export or "
@@ -389,7 +384,18 @@ def init_backbone_from(state: TrainState, config, shardings: TrainState) -> Trai
         raise ValueError(f"init_from {path} holds {got[0]} with {got[1]}-d embeddings; the "
                          f"config trains {want[0]} with {want[1]}-d (set model.name / "
                          "model.embedding_dim to match)")
-    _, variables = export.load_backbone(path)
+    return meta
+
+
+def init_backbone_from(state: TrainState, config, shardings: TrainState) -> TrainState:
+    """``state`` with params and BN statistics from the export at ``config.init_from``.
+
+    The export must hold the config's backbone (name and embedding size); the
+    optimizer state stays fresh (zero momentum) and the head is untouched.
+    """
+    from pfc_jax import export
+    _init_from_meta(config)
+    _, variables = export.load_backbone(config.init_from)
     put = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda a, s: jax.device_put(np.asarray(a, np.float32), s), tree, sh)
     return state.replace(params=put(variables["params"], shardings.params),
@@ -430,6 +436,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
     start = ckpts.latest_step()
+    if start is None and config.init_from:  # before compiling; a resumed run needs it not
+        try:
+            _init_from_meta(config)
+        except (OSError, ValueError):
+            ckpts.close()
+            raise
     padded = ckpts.meta(start)["padded_classes"] if start is not None else None
     trainer = Trainer(config, mesh, padded_classes=padded)
     logger = logs.MetricLogger(workdir, trainer.total_steps, enabled=is_main, resume_step=start)
