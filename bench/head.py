@@ -210,14 +210,20 @@ def torch_child(cfg: dict) -> dict:
         opt.step()
         return float(loss)
 
+    del math
+    return dict(cfg, step_s=_median_step_s(step, cfg["steps"]),
+                torch_threads=torch.get_num_threads())
+
+
+def _median_step_s(step, n: int) -> float:
+    """Median seconds of ``n`` calls of ``step`` after one warm-up call."""
     step()
     times = []
-    for _ in range(cfg["steps"]):
+    for _ in range(n):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    del math
-    return dict(cfg, step_s=sorted(times)[len(times) // 2], torch_threads=torch.get_num_threads())
+    return sorted(times)[len(times) // 2]
 
 
 def reference_child(cfg: dict) -> dict:
@@ -256,17 +262,11 @@ def reference_child(cfg: dict) -> dict:
         opt.zero_grad()
         return float(loss)
 
-    step()
-    times = []
-    for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    step_s = _median_step_s(step, cfg["steps"])
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     distributed.destroy_process_group()
-    return dict(cfg, step_s=sorted(times)[len(times) // 2], rss_peak_gib=peak,
-                torch_threads=torch.get_num_threads())
+    return dict(cfg, step_s=step_s, rss_peak_gib=peak, torch_threads=torch.get_num_threads())
 
 
 def run(cfg: dict) -> dict:

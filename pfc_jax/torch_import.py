@@ -123,15 +123,20 @@ def _bn(sd, key, params, stats, scale=True):
     stats["var"] = _take(sd, key + ".running_var")
 
 
+def _slot(params: dict, stats: dict, path) -> tuple[dict, dict]:
+    """The nested dicts at ``path`` (module names) in ``params`` and ``stats``, made."""
+    for name in path:
+        params, stats = params.setdefault(name, {}), stats.setdefault(name, {})
+    return params, stats
+
+
 def _mbf(sd, dim):
     """MobileFaceNet: arcface_torch's Sequential indices -> pfc_jax's block names."""
     params: dict = {}
     stats: dict = {}
 
     def block(tp, ours, prelu=True):
-        p, st = params.setdefault(ours[0], {}), stats.setdefault(ours[0], {})
-        for sub in ours[1:]:
-            p, st = p.setdefault(sub, {}), st.setdefault(sub, {})
+        p, st = _slot(params, stats, ours)
         p["conv"] = {"kernel": _conv(sd, f"{tp}.layers.0")}
         p["bn"], st["bn"] = {}, {}
         _bn(sd, f"{tp}.layers.1", p["bn"], st["bn"])
@@ -173,10 +178,7 @@ def from_state_dict(sd: Mapping[str, np.ndarray], network: str | None = None):
     stats: dict = {}
 
     def bn(key, ours, scale=True):
-        p, s = params.setdefault(ours[0], {}), stats.setdefault(ours[0], {})
-        for sub in ours[1:]:
-            p, s = p.setdefault(sub, {}), s.setdefault(sub, {})
-        _bn(sd, key, p, s, scale)
+        _bn(sd, key, *_slot(params, stats, ours), scale)
 
     params["conv1"] = {"kernel": _conv(sd, "conv1")}
     bn("bn1", ["bn1"])
