@@ -83,6 +83,20 @@ def export_backbone(workdir: str, out_dir: str, step: int | None = None,
     return out_dir
 
 
+def write_export(model_name: str, embedding_dim: int, variables, out_dir: str,
+                 **meta) -> str:
+    """An export directory (what ``load_backbone`` reads) from in-memory variables;
+    ``meta`` goes into ``model.json`` beside the backbone's name and size."""
+    os.makedirs(out_dir, exist_ok=True)
+    host = jax.tree.map(np.asarray, {"batch_stats": {}, **variables})  # BN-free: empty
+    with open(os.path.join(out_dir, "backbone.msgpack"), "wb") as f:
+        f.write(flax.serialization.to_bytes(host))
+    with open(os.path.join(out_dir, "model.json"), "w") as f:
+        json.dump(dict(model=model_name, embedding_dim=int(embedding_dim), dtype="float32",
+                       input=INPUT, **meta), f, indent=2)
+    return out_dir
+
+
 def load_backbone(path: str):
     """(model, variables) from an ``export_backbone`` directory."""
     with open(os.path.join(path, "model.json")) as f:

@@ -31,7 +31,6 @@ enough); ``from_state_dict`` takes plain NumPy arrays.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -235,21 +234,6 @@ def _check_tree(model, variables) -> None:
             raise ValueError(f"imported {k}: shape {flat_got[k]}, pfc_jax wants {shape}")
 
 
-def write_export(model_name: str, embedding_dim: int, variables, out_dir: str,
-                 source: str) -> str:
-    """A pfc_jax export directory (what ``export.load_backbone`` reads)."""
-    import flax.serialization
-
-    from pfc_jax import export
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "backbone.msgpack"), "wb") as f:
-        f.write(flax.serialization.to_bytes(variables))
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump(dict(model=model_name, embedding_dim=embedding_dim, dtype="float32",
-                       step=None, input=export.INPUT, imported_from=source), f, indent=2)
-    return out_dir
-
-
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description="Import arcface_torch IResNet / mbf weights.")
     ap.add_argument("--torch", required=True, metavar="PTH",
@@ -261,7 +245,9 @@ def main(argv=None) -> str:
     sd = load_state_dict(args.torch)
     model, variables = from_state_dict(sd, args.network)
     name, dim = network_of(sd)
-    out = write_export(name, dim, variables, args.out, os.path.abspath(args.torch))
+    from pfc_jax import export
+    out = export.write_export(name, dim, variables, args.out,
+                              imported_from=os.path.abspath(args.torch))
     print(f"{args.torch}: {name}, {dim}-d embeddings -> {out}")
     return out
 
