@@ -47,6 +47,7 @@ def main():
     from pfc_jax import models, onnx_export
     from pfc_jax.data.augment import normalize
     from pfc_jax.data.synthetic import SyntheticFaces
+    from pfc_jax.evaluate import verification
     from pfc_jax.models.iresnet import BN_MOMENTUM
 
     src = SyntheticFaces(4, 2, seed=3)
@@ -55,8 +56,7 @@ def main():
     x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def unit(a):
-        a = np.asarray(a, np.float64)
-        return a / np.linalg.norm(a, axis=1, keepdims=True)
+        return verification.l2_normalize(np.asarray(a, np.float64))
 
     print(f"JAX {jax.__version__}, ONNX Runtime {ort.__version__}, {os.cpu_count()} cores")
     print(f"{'model':>6} {'export s':>8} {'MB':>6} {'nodes':>6} {'max diff b1':>11} "

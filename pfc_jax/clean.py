@@ -443,9 +443,8 @@ def summarize(result: dict, num_classes: int, angle: float, truth=None,
 
 
 def plot_angles(path: str, angle: np.ndarray, threshold: float, flipped=None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pfc_jax import plots
+    plt = plots.pyplot()
     ok = np.isfinite(angle)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     bins = np.linspace(0, 180, 91)
@@ -460,8 +459,7 @@ def plot_angles(path: str, angle: np.ndarray, threshold: float, flipped=None) ->
     ax.set_ylabel("images")
     ax.set_title(f"keep < {threshold:g}°: {int(np.sum(angle[ok] < threshold))} of {int(ok.sum())}")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def write_recordio(folder: str, source: Any, keep_summary: dict) -> int:

@@ -67,33 +67,29 @@ def export_backbone(workdir: str, out_dir: str, step: int | None = None,
         raise ValueError(f"export format {bad[0]!r} is not one of {FORMATS}")
     model, variables, step = restore_backbone(workdir, step)
     config = load_workdir_config(workdir)
-    os.makedirs(out_dir, exist_ok=True)
     host = jax.tree.map(np.asarray, variables)
-    with open(os.path.join(out_dir, "backbone.msgpack"), "wb") as f:
-        f.write(flax.serialization.to_bytes(host))
-    meta = dict(model=config.model.name, embedding_dim=config.model.embedding_dim,
-                dtype=config.model.dtype, step=int(step), input=INPUT)
+    meta = dict(dtype=config.model.dtype, step=int(step))
     if "onnx" in formats:
         from pfc_jax import onnx_export
+        os.makedirs(out_dir, exist_ok=True)
         onnx_export.export_onnx(model, host, os.path.join(out_dir, ONNX_FILE))
         meta["onnx"] = dict(file=ONNX_FILE, input=ONNX_INPUT, opset=onnx_export.OPSET,
                             input_name=onnx_export.INPUT, output_name=onnx_export.OUTPUT)
-    with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    return out_dir
+    return write_export(config.model.name, config.model.embedding_dim, host, out_dir, **meta)
 
 
 def write_export(model_name: str, embedding_dim: int, variables, out_dir: str,
                  **meta) -> str:
     """An export directory (what ``load_backbone`` reads) from in-memory variables;
-    ``meta`` goes into ``model.json`` beside the backbone's name and size."""
+    ``meta`` goes into ``model.json`` beside the backbone's name and size
+    (``dtype``, the training compute dtype, defaults to float32)."""
     os.makedirs(out_dir, exist_ok=True)
     host = jax.tree.map(np.asarray, {"batch_stats": {}, **variables})  # BN-free: empty
     with open(os.path.join(out_dir, "backbone.msgpack"), "wb") as f:
         f.write(flax.serialization.to_bytes(host))
     with open(os.path.join(out_dir, "model.json"), "w") as f:
-        json.dump(dict(model=model_name, embedding_dim=int(embedding_dim), dtype="float32",
-                       input=INPUT, **meta), f, indent=2)
+        json.dump(dict(model=model_name, embedding_dim=int(embedding_dim),
+                       **{"dtype": "float32", **meta}, input=INPUT), f, indent=2)
     return out_dir
 
 

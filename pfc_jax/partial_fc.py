@@ -410,12 +410,12 @@ class PartialFC:
         cfg = self.config
         ns = self.num_sampled(global_batch)
         group_batch = global_batch * self.num_shards // self.mesh.size
-        budget = int(cfg.logits_budget_mib * 2**20) // 4  # float32 elements
+        budget = self._budget_elements()
         if fused is None:
             fused = self.fuses_update(global_batch)
         kind = "blockwise" if fused else cfg.softmax
         if kind == "auto":
-            kind = "full" if group_batch * ns * cfg.num_subcenters <= budget else "blockwise"
+            kind = "full" if self._logits_fit(global_batch) else "blockwise"
         if kind == "full":
             return kind, ns
         if cfg.block_size:
@@ -437,10 +437,16 @@ class PartialFC:
         have); its backward then reads them instead of recomputing each
         block's matmul, one of the four matmuls a recomputing step does.
         """
-        cfg = self.config
+        return self._logits_fit(global_batch)
+
+    def _budget_elements(self) -> int:
+        return int(self.config.logits_budget_mib * 2**20) // 4  # float32 elements
+
+    def _logits_fit(self, global_batch: int) -> bool:
+        """Whether a shard's ``[Bg, Ns * K]`` logits fit ``logits_budget_mib``."""
         group_batch = global_batch * self.num_shards // self.mesh.size
-        budget = int(cfg.logits_budget_mib * 2**20) // 4  # float32 elements
-        return group_batch * self.num_sampled(global_batch) * cfg.num_subcenters <= budget
+        return (group_batch * self.num_sampled(global_batch) * self.config.num_subcenters
+                <= self._budget_elements())
 
     def _slices_rows(self, ns: int) -> bool:
         """Whether the fused update reads and writes blocks of rows as slices.

@@ -25,7 +25,8 @@ from pfc_jax import platform
 FIGSIZE, DPI = (8.0, 6.0), 100  # 800 x 600 pixels
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only): every plot of pfc_jax."""
     import matplotlib
     matplotlib.use("Agg")  # before pyplot; files only, no display
     import matplotlib.pyplot as plt
@@ -83,7 +84,7 @@ def read_roc_results(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 # ------------------------------------------------------------------ figures
 def training_figure(records: Sequence[Mapping], title: str = ""):
     """Loss, top-1, learning rate and evaluation accuracy against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=FIGSIZE, dpi=DPI, sharex=True)
     (ax_loss, ax_top1), (ax_lr, ax_eval) = axes
     for ax, keys, label in ((ax_loss, ["train/loss"], "loss"),
@@ -120,7 +121,7 @@ def training_figure(records: Sequence[Mapping], title: str = ""):
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC",
                min_far: float | None = None):
     """TAR against FAR (log x), one curve per entry; FAR = 0 points are left off."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     lowest = 1.0
     for label, (far, tar) in curves.items():
@@ -148,7 +149,7 @@ def save(fig, path: str) -> str:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fig.savefig(path, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -390,11 +390,11 @@ def _init_from_meta(config) -> dict:
 def init_backbone_from(state: TrainState, config, shardings: TrainState) -> TrainState:
     """``state`` with params and BN statistics from the export at ``config.init_from``.
 
-    The export must hold the config's backbone (name and embedding size); the
-    optimizer state stays fresh (zero momentum) and the head is untouched.
+    ``train_and_evaluate`` has checked the export with ``_init_from_meta``
+    before compiling; the optimizer state stays fresh (zero momentum) and the
+    head is untouched.
     """
     from pfc_jax import export
-    _init_from_meta(config)
     _, variables = export.load_backbone(config.init_from)
     put = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda a, s: jax.device_put(np.asarray(a, np.float32), s), tree, sh)

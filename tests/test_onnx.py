@@ -21,6 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 from pfc_jax import models, onnx_export  # noqa: E402
 from pfc_jax.data.augment import normalize  # noqa: E402
 from pfc_jax.data.synthetic import SyntheticFaces  # noqa: E402
+from pfc_jax.evaluate import verification  # noqa: E402
 
 TOL = 1e-4
 
@@ -58,8 +59,7 @@ def _faces(n):
 
 
 def _unit(a):
-    a = np.asarray(a, np.float64)
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
+    return verification.l2_normalize(np.asarray(a, np.float64))
 
 
 @pytest.mark.parametrize("name", ["r_tiny", "mbf", "vit", "convnet_tiny"])

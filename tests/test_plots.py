@@ -65,7 +65,7 @@ def test_a_known_roc_is_drawn_where_it_should_be(tmp_path):
     with open(path, "rb") as f:
         assert f.read(8) == PNG
     assert Image.open(path).size == (800, 600)
-    plots._pyplot().close(fig)
+    plots.pyplot().close(fig)
 
 
 def _records():
@@ -91,7 +91,7 @@ def test_pfc_plot_draws_a_workdir_and_overlays_rocs(tmp_path):
     np.testing.assert_array_equal(loss_ax.lines[0].get_xdata(), [1, 25, 50, 75, 100])
     assert [ln.get_label() for ln in top1_ax.lines] == ["top1", "margin_top1"]
     np.testing.assert_array_equal(eval_ax.lines[0].get_ydata(), [0.9, 0.95])
-    plots._pyplot().close(fig)
+    plots.pyplot().close(fig)
     # Two models' pfc-eval --json results, two sets: one PNG per set, both curves on each.
     for name, shift in (("a", 0.0), ("b", 0.5)):
         res = {}

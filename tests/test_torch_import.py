@@ -23,6 +23,7 @@ nn = torch.nn
 from pfc_jax import export, torch_import  # noqa: E402
 from pfc_jax.data.augment import normalize  # noqa: E402
 from pfc_jax.data.synthetic import SyntheticFaces  # noqa: E402
+from pfc_jax.evaluate import verification  # noqa: E402
 
 TOL = 1e-4
 
@@ -103,8 +104,7 @@ def torch_r18(tmp_path_factory):
 
 
 def _unit(a):
-    a = np.asarray(a, np.float64)
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
+    return verification.l2_normalize(np.asarray(a, np.float64))
 
 
 def test_an_arcface_torch_state_dict_imports_and_embeds_the_same(torch_r18, tmp_path):

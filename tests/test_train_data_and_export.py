@@ -106,7 +106,7 @@ def test_pfc_export_writes_onnx_beside_the_msgpack(trained, tmp_path):
     x = np.asarray(normalize(jax.numpy.asarray(images)))
     got = sess.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
     want = np.asarray(model.apply(v, x, train=False))
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    unit = verification.l2_normalize
     np.testing.assert_allclose(unit(got), unit(want), rtol=0, atol=1e-4)  # test_onnx.py's bound
     with pytest.raises(ValueError, match="export format 'tflite'"):
         export.export_backbone(trained, out, formats=("tflite",))

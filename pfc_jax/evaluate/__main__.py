@@ -60,12 +60,11 @@ def main(argv=None) -> dict:
            for name, r in results.items()}
     if args.roc:
         from pfc_jax import plots
-        label = f"{what}"
         for name, r in results.items():
             if r.roc is None:
                 print(f"{name}: no ROC (the set lacks same or different pairs)")
                 continue
-            print(plots.save(plots.roc_figure({label: r.roc}, f"ROC: {name}"),
+            print(plots.save(plots.roc_figure({what: r.roc}, f"ROC: {name}"),
                              f"{args.roc}/roc_{name}.png"))
     if args.json:
         with open(args.json, "w") as f:
