@@ -6,7 +6,9 @@ One checkpoint step holds four items:
   evaluation and export restore it alone, without the class table;
 * ``train``: ``{"step", "opt_state", "head"}``: the optimizer states and the
   sharded class table; restored into the current run's shardings, so a run
-  saved on 8 devices resumes on 4;
+  saved on 8 devices resumes on 4; with the contrastive branch also ``"ssl"``
+  (the projection head), and without ``"head"`` in self-supervised
+  pre-training;
 * ``data``: the input pipeline's iterator state (JSON; it names the global
   batch position, which is the same on every process);
 * ``meta``: JSON facts needed before restoring (table rows, classes, ...).
@@ -53,8 +55,7 @@ class Checkpoints:
         items = dict(
             backbone=ocp.args.StandardSave(
                 {"params": state.params, "batch_stats": state.batch_stats}),
-            train=ocp.args.StandardSave(
-                {"step": state.step, "opt_state": state.opt_state, "head": state.head}),
+            train=ocp.args.StandardSave(_train_item(state)),
             meta=ocp.args.JsonSave(meta))
         if self.with_data:
             items["data"] = ocp.args.JsonSave(
@@ -66,24 +67,30 @@ class Checkpoints:
         items = dict(
             backbone=ocp.args.StandardRestore(
                 {"params": abstract_state.params, "batch_stats": abstract_state.batch_stats}),
-            train=ocp.args.StandardRestore(
-                {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
-                 "head": abstract_state.head}))
+            train=ocp.args.StandardRestore(_train_item(abstract_state)))
         if self.with_data and data_iterator is not None:
             items["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
         if self.with_data and data_iterator is not None:
             data_iterator.set_state(out["data"]["iterator"])
+        train = out["train"]
         return abstract_state.replace(
             params=out["backbone"]["params"], batch_stats=out["backbone"]["batch_stats"],
-            step=out["train"]["step"], opt_state=out["train"]["opt_state"],
-            head=out["train"]["head"])
+            step=train["step"], opt_state=train["opt_state"], head=train.get("head"),
+            ssl=train.get("ssl"))
 
     def restore_backbone(self, step: int | None = None, target: Any = None) -> dict:
         """``{"params", "batch_stats"}`` of a step (default: latest), for evaluation/export."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if target is not None:
+            # Leaves without a sharding land on this process's first device: a
+            # checkpoint written on a pod restores on a laptop.
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda x: x if getattr(x, "sharding", None) is not None else
+                jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), target)
         args = ocp.args.StandardRestore(target) if target is not None else \
             ocp.args.StandardRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(backbone=args))
@@ -95,6 +102,15 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _train_item(state) -> dict:
+    """The ``train`` item: step and optimizer state, the head and the SSL branch if any."""
+    item = {"step": state.step, "opt_state": state.opt_state}
+    for name in ("head", "ssl"):
+        if getattr(state, name, None) is not None:
+            item[name] = getattr(state, name)
+    return item
 
 
 def abstract_like(tree, shardings):

@@ -60,11 +60,23 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_seed=ml_collections.FieldReference(None, field_type=int),
         # augmentations beyond the flip (the reference's optional "dali_aug" set)
         flip=True, lowres_prob=0.0, blur_prob=0.0, color_jitter=0.0, grayscale_prob=0.0,
+        # random resized crop (the contrastive views' crop/scale): probability, area range
+        crop_prob=0.0, crop_scale=(0.5, 1.0),
         # injected label noise for experiments (pfc_jax.data.noise): flipped fraction
         # of records, fraction of identities split in two (duplicate identities)
         noise=ml_collections.ConfigDict(dict(flip=0.0, conflict=0.0, seed=0)),
         # a keep-list written by pfc-clean (pfc_jax.data.keep): train on its records
         keep_list=ml_collections.FieldReference(None, field_type=str),
+    ))
+
+    # contrastive self-supervised learning (pfc_jax.ssl), off by default. mode:
+    # off | pretrain (no head, labels unused: two views, projector, loss) | aux
+    # (Partial FC on the first view plus weight x the contrastive loss)
+    c.ssl = ml_collections.ConfigDict(dict(
+        mode="off", loss="infonce",   # infonce | barlow
+        temperature=0.1, barlow_lambda=5e-3,
+        projector=(512, 128),         # hidden widths (Dense-BN-ReLU), then the output width
+        weight=1.0,                   # the contrastive loss's weight beside Partial FC (aux)
     ))
 
     c.batch_size = 128 * 8     # global batch
@@ -99,6 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def ssl_mode_of(c) -> str:
+    """``ssl.mode`` (``"off"`` for a config from before the SSL branch existed)."""
+    ssl = c.get("ssl")
+    return "off" if ssl is None else str(ssl.mode)
+
+
 def total_steps(c) -> int:
     if c.max_steps:
         return int(c.max_steps)
@@ -126,8 +144,14 @@ def validate(c, num_devices: int) -> None:
         if not ok:
             raise ValueError(f"config: {msg}")
 
-    need(c.head.num_classes is not None and c.head.num_classes >= 1,
+    ssl_mode = ssl_mode_of(c)
+    if ssl_mode != "off":
+        from pfc_jax import ssl
+        ssl.check_config(c.ssl)
+    need(ssl_mode == "pretrain" or (c.head.num_classes is not None and c.head.num_classes >= 1),
          f"head.num_classes must be >= 1, got {c.head.num_classes}")
+    need(ssl_mode != "aux" or c.grad_accum_steps == 1,
+         "ssl.mode='aux' takes grad_accum_steps = 1 (the two views share one forward)")
     need(c.batch_size >= 1 and c.batch_size % num_devices == 0,
          f"batch_size {c.batch_size} is not divisible by the {num_devices} data-parallel devices")
     need(c.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {c.grad_accum_steps}")

@@ -47,6 +47,7 @@ from pfc_jax import mesh as mesh_lib
 from pfc_jax import models
 from pfc_jax import partial_fc as pf
 from pfc_jax import preemption
+from pfc_jax import ssl as ssl_lib
 from pfc_jax.data.augment import normalize
 from pfc_jax.data.prefetch import DevicePrefetch
 
@@ -59,7 +60,8 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    head: pf.HeadState
+    head: pf.HeadState | None      # None: self-supervised pre-training (no classes)
+    ssl: ssl_lib.SSLState | None = None  # the projection head, when ssl.mode is not off
 
 
 # ----------------------------------------------------------------- building blocks
@@ -156,15 +158,23 @@ def classes_of(config, source) -> int:
     return int(config.head.num_classes)
 
 
+def views_of(config) -> int:
+    """Augmented views per record: two when the contrastive branch is on."""
+    return 1 if config_lib.ssl_mode_of(config) == "off" else 2
+
+
+def batch_keys(config) -> tuple[str, ...]:
+    """The fields of a host batch that the train step takes."""
+    return ("image", "label", "valid") + (("image2",) if views_of(config) == 2 else ())
+
+
 def make_loader(config, source):
-    from pfc_jax.data.augment import AugmentConfig
     from pfc_jax.data.pipeline import PipelineConfig, make_loader as _make
     d = config.data
     cfg = PipelineConfig(
         global_batch=config.batch_size, seed=config.seed, shuffle=True, num_epochs=None,
         worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
-        augment=AugmentConfig(flip=d.flip, lowres_prob=d.lowres_prob, blur_prob=d.blur_prob,
-                              color_jitter=d.color_jitter, grayscale_prob=d.grayscale_prob))
+        augment=ssl_lib.augment_config(d), views=views_of(config))
     return _make(source, cfg, process_index=jax.process_index(),
                  process_count=jax.process_count())
 
@@ -183,8 +193,12 @@ class Trainer:
         self.schedule = make_schedule(c, self.total_steps)
         self.tx, head_tx = make_optimizers(c, self.schedule)
         self.model = models.from_config(c.model)
-        self.head = pf.PartialFC(head_config(c), self.mesh, head_tx,
-                                 head_axes=c.head_axes, padded_classes=self.padded_classes)
+        self.ssl_mode = config_lib.ssl_mode_of(c)
+        self.head = None if self.ssl_mode == "pretrain" else pf.PartialFC(
+            head_config(c), self.mesh, head_tx, head_axes=c.head_axes,
+            padded_classes=self.padded_classes)
+        self.ssl = None if self.ssl_mode == "off" else ssl_lib.SSLBranch(
+            c.ssl, int(c.model.embedding_dim), self.tx, self.mesh)
         self.base_key = jax.random.key(c.seed)
         repl = mesh_lib.replicated(self.mesh)
         abstract = jax.eval_shape(self._init_state, self.base_key)
@@ -192,7 +206,8 @@ class Trainer:
             step=repl, params=jax.tree.map(lambda _: repl, abstract.params),
             batch_stats=jax.tree.map(lambda _: repl, abstract.batch_stats),
             opt_state=jax.tree.map(lambda _: repl, abstract.opt_state),
-            head=self.head.state_shardings)
+            head=None if self.head is None else self.head.state_shardings,
+            ssl=None if self.ssl is None else self.ssl.state_shardings)
         self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_shardings)
         batch_sh = mesh_lib.batch_sharding(self.mesh)
         self.init = jax.jit(self._init_state, out_shardings=self.state_shardings)
@@ -206,9 +221,12 @@ class Trainer:
         variables = self.model.init({"params": k_model, "dropout": k_drop},
                                     jnp.zeros((1, *models.INPUT_SHAPE)), train=False)
         params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats=variables.get("batch_stats", {}),
-                          opt_state=self.tx.init(params), head=self.head.init_state(k_head))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params,
+            batch_stats=variables.get("batch_stats", {}), opt_state=self.tx.init(params),
+            head=None if self.head is None else self.head.init_state(k_head),
+            # a key of its own: the other three are those of runs without the branch
+            ssl=None if self.ssl is None else self.ssl.init(jax.random.fold_in(key, 7)))
 
     def _forward(self, params, batch_stats, images, key):
         """Backbone forward in training mode: embeddings, their VJP, new BN statistics."""
@@ -230,6 +248,8 @@ class Trainer:
         return loss, stats, grads, row_grads, batch_stats
 
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        if self.ssl is not None:
+            return self._two_view_step(state, batch)
         n_acc = self.config.grad_accum_steps
         key = jax.random.fold_in(self.base_key, state.step)
         k_sample, k_drop = jax.random.split(key)
@@ -246,17 +266,14 @@ class Trainer:
             loss, stats, emb_grads, head_state, row_grad_norm = self.head.fused_step(
                 state.head, idx, emb, labels)
             (grads,) = backbone_vjp(emb_grads.astype(emb.dtype))
-            acc = _accuracies(stats)
-            bad = jnp.sum(~stats["label_ok"] & valid)
-            return self._finish_step(state, grads, batch_stats, head_state, loss, acc, bad,
-                                     row_grad_norm)
+            return self._finish_step(state, grads, batch_stats, head_state,
+                                     _head_metrics(loss, stats, valid, row_grad_norm))
         # One class set, gathered once, for all micro-batches.
         idx, rows = self.head.sample_and_gather(state.head.centers, labels, k_sample)
         if n_acc == 1:
             loss, stats, grads, row_grads, batch_stats = self._micro(
                 state.params, state.batch_stats, rows, idx, images, labels, k_drop)
-            acc = _accuracies(stats)
-            bad = jnp.sum(~stats["label_ok"] & valid)
+            metrics = _head_metrics(loss, stats, valid, optax.tree.norm(row_grads))
         else:
             # Micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps its
             # share of every micro-batch, so the split moves no data.
@@ -283,23 +300,79 @@ class Trainer:
                 body, init, (split(images), split(labels), split(valid), jnp.arange(n_acc)))
             grads = jax.tree.map(lambda g: g / n_acc, grads)
             row_grads, loss, acc = row_grads / n_acc, loss / n_acc, acc / n_acc
+            metrics = dict(loss=loss, top1=acc[0], margin_top1=acc[1], num_bad_labels=bad,
+                           row_grad_norm=optax.tree.norm(row_grads))
 
         head_state = self.head.update(state.head, idx, row_grads, rows)
-        return self._finish_step(state, grads, batch_stats, head_state, loss, acc, bad,
-                                 optax.tree.norm(row_grads))
+        return self._finish_step(state, grads, batch_stats, head_state, metrics)
 
-    def _finish_step(self, state, grads, batch_stats, head_state, loss, acc, bad,
-                     row_grad_norm):
+    def _two_view_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        """Both views through the backbone in one forward; the contrastive loss on
+        their projections; with a head (``ssl.mode = aux``) also Partial FC on the
+        first view, the contrastive loss weighted by ``ssl.weight``."""
+        key = jax.random.fold_in(self.base_key, state.step)
+        k_sample, k_drop = jax.random.split(key)
+        labels, valid = batch["label"].astype(jnp.int32), batch["valid"]
+        images = ssl_lib.interleave(batch["image"], batch["image2"])
+        emb, backbone_vjp, batch_stats = self._forward(
+            state.params, state.batch_stats, images, k_drop)
+        emb_a, emb_b = ssl_lib.deinterleave(emb)
+        ssl_loss, (g_a, g_b), ssl_grads, ssl_stats = self.ssl.loss_and_grads(
+            state.ssl, emb_a, emb_b, valid)
+        if self.head is None:
+            head_state, metrics = None, dict(loss=ssl_loss, ssl_loss=ssl_loss)
+        else:
+            w = float(self.config.ssl.weight)
+            g_a, g_b = w * g_a, w * g_b
+            ssl_grads = jax.tree.map(lambda g: w * g, ssl_grads)
+            if self.head.fuses_update(labels.shape[0]):
+                idx = self.head.sample(labels, k_sample)
+                loss, stats, g_head, head_state, row_grad_norm = self.head.fused_step(
+                    state.head, idx, emb_a, labels)
+            else:
+                idx, rows = self.head.sample_and_gather(state.head.centers, labels, k_sample)
+                loss, stats, row_grads, g_head = self.head.grads(rows, idx, emb_a, labels)
+                head_state = self.head.update(state.head, idx, row_grads, rows)
+                row_grad_norm = optax.tree.norm(row_grads)
+            g_a = g_a + g_head
+            metrics = dict(_head_metrics(loss + w * ssl_loss, stats, valid, row_grad_norm),
+                           head_loss=loss, ssl_loss=ssl_loss)
+        (grads,) = backbone_vjp(ssl_lib.interleave(g_a, g_b).astype(emb.dtype))
+        ssl_state = self.ssl.update(state.ssl, ssl_grads, ssl_stats)
+        metrics["ssl_grad_norm"] = optax.tree.norm(ssl_grads)
+        return self._finish_step(state, grads, batch_stats, head_state, metrics, ssl_state)
+
+    def _finish_step(self, state, grads, batch_stats, head_state, metrics, ssl_state=None):
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # update_norm and row_grad_norm: the new state must be finite too (a loss
         # computed before the update can be finite while the update is not).
-        metrics = dict(loss=loss, top1=acc[0], margin_top1=acc[1], num_bad_labels=bad,
-                       grad_norm=optax.tree.norm(grads), update_norm=optax.tree.norm(updates),
-                       row_grad_norm=row_grad_norm, lr=self.schedule(state.step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                       update_norm=optax.tree.norm(updates), lr=self.schedule(state.step))
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state, head=head_state)
+                               opt_state=opt_state, head=head_state, ssl=ssl_state)
         return new_state, metrics
+
+    def describe(self, batch_size: int) -> str:
+        """What the run trains, for its first log line."""
+        c = self.config
+        where = f"{self.total_steps} steps of {batch_size} on {self.mesh.size} devices " \
+                f"{dict(self.mesh.shape)}"
+        ssl = "" if self.ssl is None else \
+            f"; contrastive {c.ssl.loss} on two views, projector {tuple(c.ssl.projector)}"
+        if self.head is None:
+            return f"self-supervised pre-training: {where}{ssl}, labels unused"
+        return (f"{where}; {c.head.num_classes} classes, table {self.head.table_shape}, "
+                f"{self.head.num_sampled(batch_size)} sampled per shard{ssl}")
+
+    def checkpoint_meta(self) -> dict:
+        c = self.config
+        meta = dict(model=c.model.name, embedding_dim=int(c.model.embedding_dim),
+                    ssl=self.ssl_mode)
+        if self.head is not None:
+            meta.update(padded_classes=self.head.padded_classes,
+                        num_classes=int(c.head.num_classes))
+        return meta
 
     def embed_fn(self, state):
         """uint8 host images [b, 112, 112, 3] -> embeddings (``Embedder.host_fn``)."""
@@ -341,6 +414,12 @@ class TrainingDiverged(FloatingPointError):
     pass
 
 
+def _head_metrics(loss, stats, valid, row_grad_norm) -> dict:
+    acc = _accuracies(stats)
+    return dict(loss=loss, top1=acc[0], margin_top1=acc[1], row_grad_norm=row_grad_norm,
+                num_bad_labels=jnp.sum(~stats["label_ok"] & valid))
+
+
 def _accuracies(stats) -> jax.Array:
     """[top1, margin_top1] of a batch, over the sampled classes.
 
@@ -353,9 +432,10 @@ def _accuracies(stats) -> jax.Array:
     return jnp.stack([jnp.mean(plain), jnp.mean(stats["target_is_max"])])
 
 
-def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int) -> dict:
+def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int | None) -> dict:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    watched = ("loss", "grad_norm", "update_norm", "row_grad_norm", "lr")
+    watched = [k for k in ("loss", "grad_norm", "update_norm", "row_grad_norm",
+                           "ssl_grad_norm", "lr") if k in metrics]
     bad = [k for k in watched if not np.isfinite(metrics[k])]
     if bad:
         kept = ("the last good checkpoint is step "
@@ -364,20 +444,28 @@ def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int) -
             f"step {step}: " + ", ".join(f"{k} {metrics[k]}" for k in watched) +
             f"; not finite: {', '.join(bad)}; stopping, this step's state is not saved "
             f"({kept}). Lower the learning rate, raise warm-up, or check the data.")
-    if metrics["num_bad_labels"] > 0:
+    if metrics.get("num_bad_labels", 0) > 0:
         raise ValueError(f"step {step}: {int(metrics['num_bad_labels'])} labels outside "
                          f"[0, {num_classes}) reached the head")
     return metrics
 
 
 def _init_from_meta(config) -> dict:
-    """The export at ``config.init_from``, checked to hold the config's backbone."""
+    """What ``config.init_from`` holds (an export directory, or the workdir of a
+    run, e.g. a self-supervised pre-training), checked to be the config's backbone."""
     path = config.init_from
-    if not os.path.isfile(os.path.join(path, "model.json")):
-        raise FileNotFoundError(f"init_from {path}: no model.json (a pfc-export or "
-                                "pfc-import directory is expected)")
-    with open(os.path.join(path, "model.json")) as f:
-        meta = json.load(f)
+    if os.path.isfile(os.path.join(path, "model.json")):
+        with open(os.path.join(path, "model.json")) as f:
+            meta = json.load(f)
+    elif os.path.isfile(os.path.join(path, "config.json")) and \
+            os.path.isdir(os.path.join(path, "checkpoints")):
+        from pfc_jax import export
+        model = export.load_workdir_config(path).model
+        meta = dict(model=model.name, embedding_dim=model.embedding_dim)
+    else:
+        raise FileNotFoundError(f"init_from {path}: neither model.json (a pfc-export or "
+                                "pfc-import directory) nor config.json + checkpoints/ "
+                                "(a pfc_jax workdir)")
     want = (config.model.name, int(config.model.embedding_dim))
     got = (meta.get("model"), int(meta.get("embedding_dim", -1)))
     if got != want:
@@ -395,7 +483,10 @@ def init_backbone_from(state: TrainState, config, shardings: TrainState) -> Trai
     head is untouched.
     """
     from pfc_jax import export
-    _, variables = export.load_backbone(config.init_from)
+    if os.path.isfile(os.path.join(config.init_from, "model.json")):
+        _, variables = export.load_backbone(config.init_from)
+    else:  # a workdir: its newest checkpoint's backbone (a projection head is left out)
+        _, variables, _ = export.restore_backbone(config.init_from)
     put = lambda tree, sh: jax.tree.map(  # noqa: E731
         lambda a, s: jax.device_put(np.asarray(a, np.float32), s), tree, sh)
     return state.replace(params=put(variables["params"], shardings.params),
@@ -421,7 +512,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     source = build_source(config)
-    if classes_of(config, source) != config.head.num_classes:
+    pretrain = config_lib.ssl_mode_of(config) == "pretrain"  # labels unused, no head
+    if not pretrain and classes_of(config, source) != config.head.num_classes:
         if is_main:
             print(f"pfc_jax.train: head.num_classes {config.head.num_classes} -> "
                   f"{source.num_classes}, the classes of {source!r}", file=sys.stderr)
@@ -430,8 +522,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     if is_main and (noise["flip"] or noise["conflict"]):
         from pfc_jax.data.noise import truth_of  # injected noise: keep its ground truth
         truth_of(source).save(os.path.join(workdir, NOISE_TRUTH))
-    from pfc_jax.data.sources import check_labels
-    check_labels(source, config.head.num_classes)
+    if not pretrain:
+        from pfc_jax.data.sources import check_labels
+        check_labels(source, config.head.num_classes)
 
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.checkpoint.keep,
                                  async_save=config.checkpoint.async_save)
@@ -442,7 +535,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         except (OSError, ValueError):
             ckpts.close()
             raise
-    padded = ckpts.meta(start)["padded_classes"] if start is not None else None
+    padded = ckpts.meta(start).get("padded_classes") if start is not None else None
     trainer = Trainer(config, mesh, padded_classes=padded)
     logger = logs.MetricLogger(workdir, trainer.total_steps, enabled=is_main, resume_step=start)
     if is_main:
@@ -450,19 +543,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             f.write(config.to_json_best_effort(indent=2))
 
     loader = make_loader(config, source)
+    keys = batch_keys(config)
     data_iter = DevicePrefetch(
         iter(loader), lambda host: mesh_lib.host_local_to_global(
-            {k: host[k] for k in ("image", "label", "valid")}, mesh),
+            {k: host[k] for k in keys}, mesh),
         depth=config.data.device_prefetch)
     if start is None:
         state = trainer.init(trainer.base_key)
         if config.init_from:
             state = init_backbone_from(state, config, trainer.state_shardings)
             logger.print(f"backbone initialised from {config.init_from}; the head is new")
-        logger.print(f"training from scratch: {trainer.total_steps} steps of "
-                     f"{config.batch_size} on {mesh.size} devices {dict(mesh.shape)}; "
-                     f"{config.head.num_classes} classes, table {trainer.head.table_shape}, "
-                     f"{trainer.head.num_sampled(config.batch_size)} sampled per shard")
+        logger.print(f"training from scratch: {trainer.describe(config.batch_size)}")
     else:
         state = ckpts.restore(start, trainer.abstract_state, data_iter)
         logger.print(f"resumed from step {start} of {trainer.total_steps} "
@@ -471,9 +562,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     # Every process embeds the evaluation images (the model spans all devices);
     # only process 0 logs the results.
     eval_sets = load_eval_sets(config, held_out)
-    meta = dict(padded_classes=trainer.head.padded_classes,
-                num_classes=int(config.head.num_classes), model=config.model.name,
-                embedding_dim=int(config.model.embedding_dim))
+    meta = trainer.checkpoint_meta()
 
     step = int(jax.device_get(state.step))
     last_saved, pending, last = start, None, {}

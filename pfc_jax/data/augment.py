@@ -1,11 +1,14 @@
 """Per-image augmentations (numpy, run in the input workers) and input normalisation.
 
 ``augment(image, cfg, rng)`` applies, in this order, each with its own coin
-flip: a low-resolution round trip, a Gaussian blur, a colour jitter
+flip: a random resized crop (the contrastive views' crop/scale), a
+low-resolution round trip, a Gaussian blur, a colour jitter
 (brightness, contrast, saturation), an HSV-style hue / saturation shift,
 grayscale, and a horizontal flip. Every random number is drawn up front in a
 fixed order, so the decision for one operation never depends on the settings
 of another: turning ``blur_prob`` on does not change which images get flipped.
+The crop's numbers are drawn after all the others, so a recipe without crops
+augments exactly as it did before crops existed.
 
 ``AugmentConfig()`` is the plain recipe (random flip only).
 ``AugmentConfig.dali()`` is the heavier recipe of the PyTorch reference's
@@ -23,6 +26,7 @@ the model's input size (Pillow, bilinear with antialiasing).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -73,6 +77,13 @@ class AugmentConfig:
       hsv_saturation: range of the saturation factor of the HSV shift.
       grayscale_prob: probability of replacing the image by its luma in all
         three channels.
+      crop_prob: probability of a random resized crop: a window of area
+        fraction uniform in ``crop_scale`` and aspect ratio (width / height)
+        log-uniform in ``crop_ratio``, at a uniform position, resized back to
+        the full size (bilinear). A window wider or taller than the image is
+        clipped to it.
+      crop_scale: range of the window's area as a fraction of the image.
+      crop_ratio: range of the window's aspect ratio.
     """
 
     flip: bool = True
@@ -85,11 +96,17 @@ class AugmentConfig:
     hue_max: float = 20.0
     hsv_saturation: tuple[float, float] = (1.0, 1.2)
     grayscale_prob: float = 0.0
+    crop_prob: float = 0.0
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    # Added after the stream fingerprint existed: left out of it at their defaults.
+    LATER_FIELDS = ("crop_prob", "crop_scale", "crop_ratio")
 
     def __post_init__(self):
         if not isinstance(self.flip, (bool, np.bool_)):
             raise ValueError(f"AugmentConfig.flip must be a bool, got {self.flip!r}")
-        for name in ("lowres_prob", "blur_prob", "hsv_prob", "grayscale_prob"):
+        for name in ("lowres_prob", "blur_prob", "hsv_prob", "grayscale_prob", "crop_prob"):
             _check_prob(name, getattr(self, name))
         _check_range("lowres_size", self.lowres_size, 1)
         if not all(isinstance(v, (int, np.integer)) for v in self.lowres_size):
@@ -103,6 +120,17 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.hue_max must be in [0, 180] degrees, "
                              f"got {self.hue_max!r}")
         _check_range("hsv_saturation", self.hsv_saturation, 0.0)
+        _check_range("crop_scale", self.crop_scale, 1e-3, 1.0)
+        _check_range("crop_ratio", self.crop_ratio, 1e-2, 1e2)
+
+    def fingerprint(self) -> dict:
+        """The fields as JSON values; a later field only when it is not at its default."""
+        out = json.loads(json.dumps(dataclasses.asdict(self)))
+        for name in self.LATER_FIELDS:
+            default = json.loads(json.dumps(getattr(type(self), name)))
+            if out[name] == default:
+                del out[name]
+        return out
 
     @classmethod
     def dali(cls) -> AugmentConfig:
@@ -115,7 +143,7 @@ class AugmentConfig:
     def is_identity(self) -> bool:
         """True when ``augment`` returns every image unchanged."""
         return not (self.flip or self.lowres_prob or self.blur_prob or self.color_jitter
-                    or self.hsv_prob or self.grayscale_prob)
+                    or self.hsv_prob or self.grayscale_prob or self.crop_prob)
 
 
 def _check_image(image: Any, what: str = "image") -> np.ndarray:
@@ -182,6 +210,27 @@ def _hue_saturation_matrix(degrees: float, saturation: float) -> np.ndarray:
     return (_YIQ_INV @ rot @ _YIQ).astype(np.float32)
 
 
+def crop_window(h: int, w: int, cfg: AugmentConfig, u: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the crop that uniforms ``u`` [4] pick."""
+    area = h * w * (cfg.crop_scale[0] + u[0] * (cfg.crop_scale[1] - cfg.crop_scale[0]))
+    lo, hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+    ratio = math.exp(lo + u[1] * (hi - lo))
+    cw = min(w, max(1, int(round(math.sqrt(area * ratio)))))
+    ch = min(h, max(1, int(round(math.sqrt(area / ratio)))))
+    top = min(h - ch, int(u[2] * (h - ch + 1)))
+    left = min(w - cw, int(u[3] * (w - cw + 1)))
+    return top, left, ch, cw
+
+
+def _resized_crop(image: np.ndarray, cfg: AugmentConfig, u: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left, ch, cw = crop_window(h, w, cfg, u)
+    if (ch, cw) == (h, w):
+        return image
+    window = Image.fromarray(np.ascontiguousarray(image[top:top + ch, left:left + cw]))
+    return np.asarray(window.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
 def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """Returns an augmented uint8 copy of ``image`` [H, W, 3] (see the module docstring)."""
     image = _check_image(image)
@@ -195,7 +244,10 @@ def augment(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> 
     jitter = rng.uniform(1.0 - cfg.color_jitter, 1.0 + cfg.color_jitter, 3)
     hue = float(rng.uniform(0.0, cfg.hue_max))
     hsv_sat = float(rng.uniform(*cfg.hsv_saturation))
+    crop = rng.random(4) if cfg.crop_prob > 0 else None  # last: older recipes unchanged
 
+    if crop is not None and coins[5] < cfg.crop_prob:
+        image = _resized_crop(image, cfg, crop)
     if coins[0] < cfg.lowres_prob:
         small = Image.fromarray(np.ascontiguousarray(image)).resize(
             (lowres_side, lowres_side), Image.Resampling.BILINEAR)

@@ -6,6 +6,9 @@
     {"image": uint8 [b, size, size, 3], "label": int32 [b],
      "valid": bool [b], "index": int32 [b]}        b = global_batch / S
 
+and with ``views = 2`` (the contrastive pipeline) also ``"image2"``: a second,
+independently augmented view of the same records.
+
 ``index`` is the record number in the source. Images stay uint8 on the host;
 the trainer normalises on device with ``normalize`` (re-exported here).
 
@@ -22,7 +25,9 @@ batch can be short (dropped when ``drop_remainder``).
 Randomness. The augmentation of a draw uses ``np.random.default_rng([seed,
 G])`` where ``G`` is the draw's position in the global stream: a fixed
 function of the seed and the position, independent of workers, threads and
-process count, and different in every epoch.
+process count, and different in every epoch. The second view uses
+``default_rng([seed, G, 1])``: the first view is what a one-view pipeline
+yields, the second is independent of it.
 
 Workers. The grain dataset is a ``MapDataset`` whose element ``k`` *is* host
 batch ``k`` (one map loads, augments and stacks the whole batch, reading the
@@ -87,6 +92,7 @@ class PipelineConfig:
       image_size: side of the square images produced; sources of another size are resized.
       augment: the per-image augmentations.
       drop_remainder: drop the final short batch of a finite run.
+      views: augmented views per record: 1, or 2 (``"image2"`` added).
     """
 
     global_batch: int
@@ -98,6 +104,7 @@ class PipelineConfig:
     image_size: int = 112
     augment: AugmentConfig = AugmentConfig()
     drop_remainder: bool = True
+    views: int = 1
 
     def validate(self) -> None:
         """Raises ValueError naming the first field that is out of range."""
@@ -121,6 +128,8 @@ class PipelineConfig:
         if not is_int(self.image_size) or self.image_size < 1:
             raise ValueError(f"PipelineConfig.image_size must be an integer >= 1, "
                              f"got {self.image_size!r}")
+        if self.views not in (1, 2) or isinstance(self.views, bool):
+            raise ValueError(f"PipelineConfig.views must be 1 or 2, got {self.views!r}")
         if not isinstance(self.augment, AugmentConfig):
             raise ValueError(f"PipelineConfig.augment must be an AugmentConfig, "
                              f"got {type(self.augment).__name__}")
@@ -198,6 +207,7 @@ class _LoadBatch:
                              f"{len(key_list)} indices")
         size = self.cfg.image_size
         images = np.zeros((len(keys), size, size, 3), np.uint8)
+        second = np.zeros_like(images) if self.cfg.views == 2 else None
         labels = np.full((len(keys),), -1, np.int32)
         valid = np.zeros((len(keys),), bool)
         for row, (key, pos, rec) in enumerate(zip(key_list, positions, records)):
@@ -210,14 +220,21 @@ class _LoadBatch:
             label = int(rec["label"])
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"record {key}: label {label} outside [0, {self.num_classes})")
-            if not self.cfg.augment.is_identity:
-                rng = np.random.default_rng([self.cfg.seed, int(pos)])
-                image = augment(image, self.cfg.augment, rng)
-            images[row] = image
+            if second is not None:
+                second[row] = self._augment(image, [self.cfg.seed, int(pos), 1])
+            images[row] = self._augment(image, [self.cfg.seed, int(pos)])
             labels[row] = label
             valid[row] = True
-        return {"image": images, "label": labels, "valid": valid,
-                "index": keys.astype(np.int32)}
+        out = {"image": images, "label": labels, "valid": valid,
+               "index": keys.astype(np.int32)}
+        if second is not None:
+            out["image2"] = second
+        return out
+
+    def _augment(self, image: np.ndarray, seed: list[int]) -> np.ndarray:
+        if self.cfg.augment.is_identity:
+            return image
+        return augment(image, self.cfg.augment, np.random.default_rng(seed))
 
 
 class Loader:
@@ -248,11 +265,14 @@ class Loader:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that defines the global batch stream; checked by ``set_state``."""
-        return {"num_records": len(self.source), "records_per_epoch": self.records_per_epoch,
-                "global_batch": self.cfg.global_batch, "seed": self.cfg.seed,
-                "shuffle": bool(self.cfg.shuffle), "num_epochs": self.cfg.num_epochs,
-                "image_size": self.cfg.image_size, "drop_remainder": bool(self.cfg.drop_remainder),
-                "augment": json.loads(json.dumps(dataclasses.asdict(self.cfg.augment)))}
+        out = {"num_records": len(self.source), "records_per_epoch": self.records_per_epoch,
+               "global_batch": self.cfg.global_batch, "seed": self.cfg.seed,
+               "shuffle": bool(self.cfg.shuffle), "num_epochs": self.cfg.num_epochs,
+               "image_size": self.cfg.image_size, "drop_remainder": bool(self.cfg.drop_remainder),
+               "augment": self.cfg.augment.fingerprint()}
+        if self.cfg.views != 1:  # a one-view state from before views existed still fits
+            out["views"] = self.cfg.views
+        return out
 
     def dataset(self, start: int = 0) -> grain.IterDataset:
         """The grain pipeline from host batch ``start`` on."""
@@ -328,10 +348,10 @@ class LoaderIterator:
             if key not in state:
                 raise ValueError(f"iterator state lacks the field {key!r}")
         mine, theirs = self.loader.fingerprint(), state["fingerprint"]
-        for key in mine:
-            if theirs.get(key) != mine[key]:
+        for key in list(mine) + [k for k in theirs if k not in mine]:
+            if theirs.get(key) != mine.get(key):
                 raise ValueError(f"iterator state does not fit this loader: {key} is "
-                                 f"{theirs.get(key)!r} in the state but {mine[key]!r} here")
+                                 f"{theirs.get(key)!r} in the state but {mine.get(key)!r} here")
         next_batch = state["next_batch"]
         if not isinstance(next_batch, int) or next_batch < 0:
             raise ValueError(f"iterator state: next_batch must be an integer >= 0, "
