@@ -16,7 +16,7 @@ instead (λ = 5e-3). The projection head is dropped afterwards:
 
 The argument is a comma list: ``tiny`` (the CPU size of configs/tiny_cpu.py)
 and ``strength=S`` (default 1): the augmentation strength that the
-generalisation experiment (bench/ssl.py) varies
+generalisation experiment (bench/contrastive.py) varies
 (``pfc_jax.ssl.view_augmentation``: at strength S the crop keeps an area
 fraction in [1 - 0.6 S, 1], colour jitter is 0.4 S, grayscale and
 low-resolution each have probability 0.2 S, blur 0.5 S).

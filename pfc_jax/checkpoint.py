@@ -11,7 +11,9 @@ One checkpoint step holds four items:
   pre-training;
 * ``data``: the input pipeline's iterator state (JSON; it names the global
   batch position, which is the same on every process);
-* ``meta``: JSON facts needed before restoring (table rows, classes, ...).
+* ``meta``: JSON facts needed before restoring (table rows, classes, ...);
+* ``quality`` (recognizability runs only): the quality head and the UI
+  centre, for quality scoring without the class table.
 
 orbax writes each step into a temporary directory and renames it when
 complete, so a crash during a save leaves the previous checkpoint intact.
@@ -34,6 +36,7 @@ class Checkpoints:
         self.directory = epath.Path(workdir) / "checkpoints"
         handlers = dict(backbone=ocp.StandardCheckpointHandler(),
                         train=ocp.StandardCheckpointHandler(),
+                        quality=ocp.StandardCheckpointHandler(),
                         meta=ocp.JsonCheckpointHandler())
         if with_data:
             handlers["data"] = ocp.JsonCheckpointHandler()
@@ -57,6 +60,9 @@ class Checkpoints:
                 {"params": state.params, "batch_stats": state.batch_stats}),
             train=ocp.args.StandardSave(_train_item(state)),
             meta=ocp.args.JsonSave(meta))
+        if getattr(state, "rec", None) is not None:  # what quality scoring needs, alone
+            items["quality"] = ocp.args.StandardSave(
+                {"params": state.rec.params, "ui_centre": state.rec.ui_centre})
         if self.with_data:
             items["data"] = ocp.args.JsonSave(
                 {"iterator": data_iterator.get_state().decode("utf-8")})
@@ -77,7 +83,7 @@ class Checkpoints:
         return abstract_state.replace(
             params=out["backbone"]["params"], batch_stats=out["backbone"]["batch_stats"],
             step=train["step"], opt_state=train["opt_state"], head=train.get("head"),
-            ssl=train.get("ssl"))
+            ssl=train.get("ssl"), rec=train.get("rec"))
 
     def restore_backbone(self, step: int | None = None, target: Any = None) -> dict:
         """``{"params", "batch_stats"}`` of a step (default: latest), for evaluation/export."""
@@ -96,6 +102,19 @@ class Checkpoints:
         out = self.manager.restore(step, args=ocp.args.Composite(backbone=args))
         return out["backbone"]
 
+    def restore_quality(self, step: int | None = None) -> dict | None:
+        """``{"params", "ui_centre"}`` of the quality head (None: the run has none)."""
+        step = self.latest_step() if step is None else step
+        if step is None or not (self.directory / str(step) / "quality").exists():
+            return None
+        meta = self.manager.item_metadata(step)["quality"]
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                              meta)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            quality=ocp.args.StandardRestore(target)))
+        return out["quality"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -107,7 +126,7 @@ class Checkpoints:
 def _train_item(state) -> dict:
     """The ``train`` item: step and optimizer state, the head and the SSL branch if any."""
     item = {"step": state.step, "opt_state": state.opt_state}
-    for name in ("head", "ssl"):
+    for name in ("head", "ssl", "rec"):
         if getattr(state, name, None) is not None:
             item[name] = getattr(state, name)
     return item

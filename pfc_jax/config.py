@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         # mbf's grouped convs: auto (tap by tap on the CPU, XLA's grouped conv
         # elsewhere) | conv | shifted; the same parameters and outputs
         conv_impl="auto",
+        attention=False,       # perceptibility attention on the last feature map (r*, mbf)
     ))
 
     c.head = ml_collections.ConfigDict(dict(
@@ -62,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
         flip=True, lowres_prob=0.0, blur_prob=0.0, color_jitter=0.0, grayscale_prob=0.0,
         # random resized crop (the contrastive views' crop/scale): probability, area range
         crop_prob=0.0, crop_scale=(0.5, 1.0),
+        # very low resolution (pfc_jax.data.degrade): with probability degrade_prob down
+        # to a side in degrade_sides px and back, optional blur first and JPEG between
+        degrade_prob=0.0, degrade_sides=(8, 32), degrade_method="bicubic",
+        degrade_blur_prob=0.0, degrade_jpeg_prob=0.0,
         # injected label noise for experiments (pfc_jax.data.noise): flipped fraction
         # of records, fraction of identities split in two (duplicate identities)
         noise=ml_collections.ConfigDict(dict(flip=0.0, conflict=0.0, seed=0)),
@@ -77,6 +82,23 @@ def base_config() -> ml_collections.ConfigDict:
         temperature=0.1, barlow_lambda=5e-3,
         projector=(512, 128),         # hidden widths (Dense-BN-ReLU), then the output width
         weight=1.0,                   # the contrastive loss's weight beside Partial FC (aux)
+    ))
+
+    # recognizability (pfc_jax.recognizability): the UI centre, the index, index
+    # diversion and the quality head, beside Partial FC; off by default
+    c.recognizability = ml_collections.ConfigDict(dict(
+        enabled=False,
+        ui_every=4,            # one unrecognisable image per 4 batch images, made on device
+        ui_side=3,             # ... degraded to 3 px and back (bicubic)
+        noise_fraction=0.25,   # ... a quarter of them smooth colour noise instead
+        ema=0.99,              # the UI centre's moving average, per step
+        margin_weight=1.0,     # xi = (theta_UI + margin_weight (theta_N - theta_P)) / pi
+        hard_below=0.5,        # diversion pushes samples with xi below this ...
+        diversion_margin=90.0,  # ... to at least this angle (degrees) from the UI centre
+        diversion_weight=1.0,
+        regression_weight=1.0,  # the quality head's smooth-L1 (beta 0.75)
+        dropout=0.2,           # before the quality head's Dense
+        detach=True,           # the quality loss does not reach the backbone
     ))
 
     c.batch_size = 128 * 8     # global batch
@@ -109,6 +131,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=2000, keep=3, async_save=True))
     c.log_every_steps = 50
     return c
+
+
+def recognizability_on(c) -> bool:
+    """``recognizability.enabled`` (False for a config from before it existed)."""
+    r = c.get("recognizability")
+    return bool(r is not None and r.enabled)
 
 
 def ssl_mode_of(c) -> str:
@@ -152,6 +180,11 @@ def validate(c, num_devices: int) -> None:
          f"head.num_classes must be >= 1, got {c.head.num_classes}")
     need(ssl_mode != "aux" or c.grad_accum_steps == 1,
          "ssl.mode='aux' takes grad_accum_steps = 1 (the two views share one forward)")
+    if recognizability_on(c):
+        from pfc_jax import recognizability
+        need(ssl_mode == "off", "recognizability and ssl.mode are not combined; pick one")
+        need(c.grad_accum_steps == 1, "recognizability takes grad_accum_steps = 1")
+        recognizability.check_config(c.recognizability, c.batch_size // num_devices)
     need(c.batch_size >= 1 and c.batch_size % num_devices == 0,
          f"batch_size {c.batch_size} is not divisible by the {num_devices} data-parallel devices")
     need(c.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {c.grad_accum_steps}")

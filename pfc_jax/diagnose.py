@@ -70,23 +70,32 @@ def group_by_class(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return classes, members
 
 
-def _centre_stats(mu, block: int):
-    """(max, sum) of mu_k . mu_l over k != l, in row blocks of the Gram matrix."""
+def _row_blocks(x, block: int):
+    """Rows of ``x`` [n, d] zero-padded to whole blocks: [n / block, block, d]."""
+    import jax.numpy as jnp
+    pad = -x.shape[0] % block
+    return jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, block, x.shape[1])
+
+
+def _centre_stats(rows, cols, k: int):
+    """(max, sum) of mu_k . mu_l over k != l. ``rows``: the centres padded to a
+    multiple of the devices, sharded over them; ``cols``: the centres in blocks
+    (replicated), one block of Gram columns per loop step."""
     import jax
     import jax.numpy as jnp
-    k = mu.shape[0]
-    pad = -k % block
-    rows = jnp.pad(mu, ((0, pad), (0, 0))).reshape(-1, block, mu.shape[1])
+    i = jnp.arange(rows.shape[0])[:, None]
 
-    def one(args):
-        b, r = args
-        g = r @ mu.T                                   # [block, K]
-        i = b * block + jnp.arange(block)[:, None]
-        off = (i != jnp.arange(k)[None, :]) & (i < k)
-        return jnp.max(jnp.where(off, g, -jnp.inf)), jnp.sum(jnp.where(off, g, 0.0))
+    def one(carry, args):
+        b, c = args
+        g = rows @ c.T                                  # [K', block]: rows stay put
+        j = b * c.shape[0] + jnp.arange(c.shape[0])[None, :]
+        off = (i != j) & (i < k) & (j < k)
+        return (jnp.maximum(carry[0], jnp.max(jnp.where(off, g, -jnp.inf))),
+                carry[1] + jnp.sum(jnp.where(off, g, 0.0))), None
 
-    mx, sm = jax.lax.map(one, (jnp.arange(rows.shape[0]), rows))
-    return jnp.max(mx), jnp.sum(sm)
+    init = (jnp.array(-jnp.inf, rows.dtype), jnp.array(0.0, rows.dtype))
+    (mx, sm), _ = jax.lax.scan(one, init, (jnp.arange(cols.shape[0]), cols))
+    return mx, sm
 
 
 def _sigma_chunk(f, mask, deltas):
@@ -108,34 +117,47 @@ def _sigma_chunk(f, mask, deltas):
     return jnp.stack(out, axis=1)                       # [c, len(deltas)]
 
 
-def _knn_top1(clean, labels, block: int):
+def _knn_labels(rows, cols, labels, n: int):
+    """The label of each row's nearest other image (cosine); rows sharded, columns
+    [n / block, block, d] one block per loop step."""
     import jax
     import jax.numpy as jnp
-    n = clean.shape[0]
-    pad = -n % block
-    rows = jnp.pad(clean, ((0, pad), (0, 0))).reshape(-1, block, clean.shape[1])
+    i = jnp.arange(rows.shape[0])[:, None]
+    col_labels = jnp.pad(labels, (0, cols.size // cols.shape[-1] - n)).reshape(cols.shape[:2])
 
-    def one(args):
-        b, r = args
-        s = r @ clean.T
-        i = b * block + jnp.arange(block)
-        s = jnp.where(i[:, None] == jnp.arange(n)[None, :], -jnp.inf, s)
-        return labels[jnp.argmax(s, axis=1)]
+    def one(carry, args):
+        best, lab = carry
+        b, c, cl = args
+        s = rows @ c.T
+        j = b * c.shape[0] + jnp.arange(c.shape[0])[None, :]
+        s = jnp.where((i == j) | (j >= n), -jnp.inf, s)
+        top = jnp.argmax(s, axis=1)
+        val = jnp.max(s, axis=1)
+        better = val > best                             # ties keep the earlier image
+        return (jnp.where(better, val, best), jnp.where(better, cl[top], lab)), None
 
-    nearest = jax.lax.map(one, (jnp.arange(rows.shape[0]), rows)).reshape(-1)[:n]
-    return jnp.mean((nearest == labels).astype(jnp.float32))
+    init = (jnp.full((rows.shape[0],), -jnp.inf, rows.dtype),
+            jnp.full((rows.shape[0],), -1, labels.dtype))
+    (_, nearest), _ = jax.lax.scan(one, init, (jnp.arange(cols.shape[0]), cols, col_labels))
+    return nearest
 
 
 def diagnostics(views: np.ndarray, labels: np.ndarray, deltas: Sequence[float] = DEFAULT_DELTAS,
-                clean: np.ndarray | None = None, *, row_block: int = 1024,
+                clean: np.ndarray | None = None, *, mesh=None, row_block: int = 1024,
                 elements_per_chunk: int = 1 << 24) -> dict[str, Any]:
     """The report (module docstring) of embeddings ``views`` [n, V, d] with ``labels`` [n].
 
     ``clean`` [n, d]: the un-augmented images' embeddings, for ``knn_top1``
-    (left out when None). Embeddings need not be normalised.
+    (left out when None). Embeddings need not be normalised. ``mesh``: where
+    the Gram blocks and the per-class distances run (default: every device on
+    one axis); rows of centres, images and classes are split over it.
     """
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from pfc_jax import mesh as mesh_lib
     views = np.asarray(views, np.float32)
     labels = np.asarray(labels)
     if views.ndim != 3 or views.shape[1] < 2 or len(labels) != len(views):
@@ -145,6 +167,15 @@ def diagnostics(views: np.ndarray, labels: np.ndarray, deltas: Sequence[float] =
     classes, members = group_by_class(labels)
     if len(classes) < 2:
         raise ValueError(f"diagnostics: {len(classes)} class(es); centre divergence needs two")
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh({"data": -1})
+    ndev = mesh.size
+    split = NamedSharding(mesh, P(mesh.axis_names))     # first axis over every device
+
+    def sharded_rows(x):  # [r, ...] zero-padded to a multiple of the devices, split
+        pad = -x.shape[0] % ndev
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return jax.device_put(x, split)
+
     f = _unit(jnp.asarray(views))
 
     # alignment: mean over the V(V-1) ordered view pairs of each image, then images
@@ -152,26 +183,29 @@ def diagnostics(views: np.ndarray, labels: np.ndarray, deltas: Sequence[float] =
     off = 1.0 - jnp.eye(v)
     alignment = jnp.mean(jnp.sum((2.0 - 2.0 * g) * off, axis=(1, 2)) / (v * (v - 1)))
 
-    # class centres
+    # class centres and their Gram matrix, a block of columns at a time
     idx = jnp.asarray(np.maximum(members, 0))
     mask = jnp.asarray(members >= 0)
     per_image = jnp.mean(f, axis=1)                                  # [n, d]
     mu = jnp.sum(per_image[idx] * mask[..., None], axis=1) / jnp.sum(mask, 1)[:, None]
     k = mu.shape[0]
-    mx, sm = jax.jit(_centre_stats, static_argnums=1)(mu, min(row_block, k))
+    mx, sm = jax.jit(_centre_stats, static_argnums=2)(
+        sharded_rows(mu), _row_blocks(mu, min(row_block, k)), k)
     norms2 = jnp.sum(mu * mu, axis=1)
 
-    # concentration, a chunk of classes at a time (one compile: the last chunk is padded)
+    # concentration: chunks of classes split over the devices (one compile: the
+    # last chunk is padded with empty classes)
     m = members.shape[1]
     chunk = max(1, min(k, elements_per_chunk // max(1, m * m * v * v)))
+    chunk = -(-chunk // ndev) * ndev
     sigma_fn = jax.jit(lambda ff, mm: _sigma_chunk(ff, mm, tuple(float(x) for x in deltas)))
     sigmas = []
     for start in range(0, k, chunk):
         ids = members[start:start + chunk]
         fill = chunk - len(ids)
         ids = np.concatenate([ids, np.full((fill, m), -1, np.int64)]) if fill else ids
-        ff = f[jnp.asarray(np.maximum(ids, 0))]                      # [chunk, m, V, d]
-        sigmas.append(np.asarray(sigma_fn(ff, jnp.asarray(ids >= 0)))[:chunk - fill])
+        ff = jax.device_put(f[jnp.asarray(np.maximum(ids, 0))], split)  # [chunk, m, V, d]
+        sigmas.append(np.asarray(sigma_fn(ff, jax.device_put(ids >= 0, split)))[:len(ids) - fill])
     sigma = np.concatenate(sigmas)                                   # [K, len(deltas)]
 
     report = dict(
@@ -185,8 +219,10 @@ def diagnostics(views: np.ndarray, labels: np.ndarray, deltas: Sequence[float] =
                        for i, dl in enumerate(deltas)})
     if clean is not None:
         c = _unit(jnp.asarray(np.asarray(clean, np.float32)))
-        report["knn_top1"] = float(jax.jit(_knn_top1, static_argnums=2)(
-            c, jnp.asarray(labels), min(row_block, n)))
+        lab = jnp.asarray(labels.astype(np.int32))
+        nearest = jax.jit(_knn_labels, static_argnums=3)(
+            sharded_rows(c), _row_blocks(c, min(row_block, n)), lab, n)
+        report["knn_top1"] = float(np.mean(np.asarray(nearest)[:n] == labels))
     return report
 
 

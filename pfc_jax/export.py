@@ -49,6 +49,27 @@ def restore_backbone(workdir: str, step: int | None = None):
 
 
 FORMATS = ("msgpack", "onnx")
+QUALITY_FILE = "quality.msgpack"
+
+
+def restore_quality(workdir: str, step: int | None = None) -> dict | None:
+    """``{"params", "ui_centre"}`` of a recognizability run's quality head, else None."""
+    ckpts = ckpt_lib.Checkpoints(workdir, with_data=False)
+    try:
+        return ckpts.restore_quality(step)
+    finally:
+        ckpts.close()
+
+
+def load_quality(path: str) -> dict | None:
+    """The quality head of a workdir or an export directory (None when it has none)."""
+    if os.path.isfile(os.path.join(path, "model.json")):
+        file = os.path.join(path, QUALITY_FILE)
+        if not os.path.exists(file):
+            return None
+        with open(file, "rb") as f:
+            return flax.serialization.msgpack_restore(f.read())
+    return restore_quality(path)
 ONNX_FILE = "model.onnx"
 ONNX_INPUT = dict(size=[3, 112, 112], layout="NCHW", color="RGB", batch="dynamic",
                   normalize="(x - 127.5) / 127.5, by the caller")
@@ -69,6 +90,15 @@ def export_backbone(workdir: str, out_dir: str, step: int | None = None,
     config = load_workdir_config(workdir)
     host = jax.tree.map(np.asarray, variables)
     meta = dict(dtype=config.model.dtype, step=int(step))
+    if config.model.get("attention"):
+        meta["attention"] = True
+    quality = restore_quality(workdir, step)
+    if quality is not None:  # recognizability runs: the quality head and the UI centre
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, QUALITY_FILE), "wb") as f:
+            f.write(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, quality)))
+        meta["quality"] = dict(file=QUALITY_FILE, dropout=float(
+            config.recognizability.get("dropout", 0.0)))
     if "onnx" in formats:
         from pfc_jax import onnx_export
         os.makedirs(out_dir, exist_ok=True)
@@ -98,7 +128,7 @@ def load_backbone(path: str):
     with open(os.path.join(path, "model.json")) as f:
         meta = json.load(f)
     model = models.from_config(dict(name=meta["model"], embedding_dim=meta["embedding_dim"],
-                                    dtype=meta["dtype"]))
+                                    dtype=meta["dtype"], attention=meta.get("attention", False)))
     target = models.abstract_variables(model)
     with open(os.path.join(path, "backbone.msgpack"), "rb") as f:
         variables = flax.serialization.from_bytes(target, f.read())

@@ -149,7 +149,7 @@ def check_config(ssl, embedding_dim: int | None = None) -> None:
 
 def view_augmentation(strength: float) -> dict:
     """The ``config.data`` augmentation fields of the two views at a strength S in
-    [0, 1.5] (configs/ssl.py, pfc-diagnose --strength, bench/ssl.py): a random
+    [0, 1.5] (configs/ssl.py, pfc-diagnose --strength, bench/contrastive.py): a random
     resized crop keeping an area fraction in [1 - 0.6 S, 1], a flip, colour
     jitter 0.4 S, grayscale and low-resolution round trips each with
     probability 0.2 S, a blur with probability 0.5 S."""

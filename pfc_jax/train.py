@@ -47,6 +47,7 @@ from pfc_jax import mesh as mesh_lib
 from pfc_jax import models
 from pfc_jax import partial_fc as pf
 from pfc_jax import preemption
+from pfc_jax import recognizability as rec_lib
 from pfc_jax import ssl as ssl_lib
 from pfc_jax.data.augment import normalize
 from pfc_jax.data.prefetch import DevicePrefetch
@@ -62,6 +63,7 @@ class TrainState:
     opt_state: Any
     head: pf.HeadState | None      # None: self-supervised pre-training (no classes)
     ssl: ssl_lib.SSLState | None = None  # the projection head, when ssl.mode is not off
+    rec: rec_lib.RecState | None = None  # UI centre + quality head (recognizability)
 
 
 # ----------------------------------------------------------------- building blocks
@@ -168,13 +170,25 @@ def batch_keys(config) -> tuple[str, ...]:
     return ("image", "label", "valid") + (("image2",) if views_of(config) == 2 else ())
 
 
+def degradation(data):
+    """The ``Degradation`` of ``config.data``'s ``degrade_*`` fields (none when absent)."""
+    from pfc_jax.data.degrade import Degradation
+    if not data.get("degrade_prob"):
+        return Degradation()
+    return Degradation(prob=float(data.degrade_prob),
+                       sides=tuple(int(v) for v in data.degrade_sides),
+                       method=str(data.degrade_method),
+                       blur_prob=float(data.degrade_blur_prob),
+                       jpeg_prob=float(data.degrade_jpeg_prob))
+
+
 def make_loader(config, source):
     from pfc_jax.data.pipeline import PipelineConfig, make_loader as _make
     d = config.data
     cfg = PipelineConfig(
         global_batch=config.batch_size, seed=config.seed, shuffle=True, num_epochs=None,
         worker_count=d.worker_count, worker_buffer_size=d.worker_buffer_size,
-        augment=ssl_lib.augment_config(d), views=views_of(config))
+        augment=ssl_lib.augment_config(d), views=views_of(config), degrade=degradation(d))
     return _make(source, cfg, process_index=jax.process_index(),
                  process_count=jax.process_count())
 
@@ -199,6 +213,9 @@ class Trainer:
             padded_classes=self.padded_classes)
         self.ssl = None if self.ssl_mode == "off" else ssl_lib.SSLBranch(
             c.ssl, int(c.model.embedding_dim), self.tx, self.mesh)
+        self.rec = rec_lib.RecognizabilityBranch(
+            c.recognizability, int(c.model.embedding_dim), head_tx, self.mesh) \
+            if config_lib.recognizability_on(c) else None
         self.base_key = jax.random.key(c.seed)
         repl = mesh_lib.replicated(self.mesh)
         abstract = jax.eval_shape(self._init_state, self.base_key)
@@ -207,7 +224,8 @@ class Trainer:
             batch_stats=jax.tree.map(lambda _: repl, abstract.batch_stats),
             opt_state=jax.tree.map(lambda _: repl, abstract.opt_state),
             head=None if self.head is None else self.head.state_shardings,
-            ssl=None if self.ssl is None else self.ssl.state_shardings)
+            ssl=None if self.ssl is None else self.ssl.state_shardings,
+            rec=None if self.rec is None else self.rec.state_shardings)
         self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_shardings)
         batch_sh = mesh_lib.batch_sharding(self.mesh)
         self.init = jax.jit(self._init_state, out_shardings=self.state_shardings)
@@ -226,7 +244,8 @@ class Trainer:
             batch_stats=variables.get("batch_stats", {}), opt_state=self.tx.init(params),
             head=None if self.head is None else self.head.init_state(k_head),
             # a key of its own: the other three are those of runs without the branch
-            ssl=None if self.ssl is None else self.ssl.init(jax.random.fold_in(key, 7)))
+            ssl=None if self.ssl is None else self.ssl.init(jax.random.fold_in(key, 7)),
+            rec=None if self.rec is None else self.rec.init(jax.random.fold_in(key, 11)))
 
     def _forward(self, params, batch_stats, images, key):
         """Backbone forward in training mode: embeddings, their VJP, new BN statistics."""
@@ -250,6 +269,8 @@ class Trainer:
     def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
         if self.ssl is not None:
             return self._two_view_step(state, batch)
+        if self.rec is not None:
+            return self._recognizability_step(state, batch)
         n_acc = self.config.grad_accum_steps
         key = jax.random.fold_in(self.base_key, state.step)
         k_sample, k_drop = jax.random.split(key)
@@ -325,15 +346,8 @@ class Trainer:
             w = float(self.config.ssl.weight)
             g_a, g_b = w * g_a, w * g_b
             ssl_grads = jax.tree.map(lambda g: w * g, ssl_grads)
-            if self.head.fuses_update(labels.shape[0]):
-                idx = self.head.sample(labels, k_sample)
-                loss, stats, g_head, head_state, row_grad_norm = self.head.fused_step(
-                    state.head, idx, emb_a, labels)
-            else:
-                idx, rows = self.head.sample_and_gather(state.head.centers, labels, k_sample)
-                loss, stats, row_grads, g_head = self.head.grads(rows, idx, emb_a, labels)
-                head_state = self.head.update(state.head, idx, row_grads, rows)
-                row_grad_norm = optax.tree.norm(row_grads)
+            loss, stats, g_head, head_state, row_grad_norm = self._head_step(
+                state.head, emb_a, labels, k_sample)
             g_a = g_a + g_head
             metrics = dict(_head_metrics(loss + w * ssl_loss, stats, valid, row_grad_norm),
                            head_loss=loss, ssl_loss=ssl_loss)
@@ -342,7 +356,45 @@ class Trainer:
         metrics["ssl_grad_norm"] = optax.tree.norm(ssl_grads)
         return self._finish_step(state, grads, batch_stats, head_state, metrics, ssl_state)
 
-    def _finish_step(self, state, grads, batch_stats, head_state, metrics, ssl_state=None):
+    def _head_step(self, head_state, emb, labels, k_sample):
+        """The head on one batch of embeddings, fused or not (one micro-batch):
+        loss, stats, embedding gradient, new head state, row-gradient norm."""
+        if self.head.fuses_update(labels.shape[0]):
+            idx = self.head.sample(labels, k_sample)
+            return self.head.fused_step(head_state, idx, emb, labels)
+        idx, rows = self.head.sample_and_gather(head_state.centers, labels, k_sample)
+        loss, stats, row_grads, g_emb = self.head.grads(rows, idx, emb, labels)
+        return (loss, stats, g_emb, self.head.update(head_state, idx, row_grads, rows),
+                optax.tree.norm(row_grads))
+
+    def _recognizability_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+        """Partial FC plus the recognizability branch: this step's unrecognisable images
+        refresh the UI centre, then the index, index diversion and the quality head
+        (``pfc_jax.recognizability``) add their loss and embedding gradient."""
+        key = jax.random.fold_in(self.base_key, state.step)
+        k_sample, k_drop = jax.random.split(key)
+        k_ui, k_quality = jax.random.split(jax.random.fold_in(key, 11))
+        images, labels = batch["image"], batch["label"].astype(jnp.int32)
+        valid = batch["valid"]
+        emb, backbone_vjp, batch_stats = self._forward(
+            state.params, state.batch_stats, images, k_drop)
+        ui_emb = self.model.apply(
+            jax.lax.stop_gradient({"params": state.params, "batch_stats": state.batch_stats}),
+            normalize(self.rec.ui_images(images, k_ui)), train=False)
+        loss, stats, g_head, head_state, row_grad_norm = self._head_step(
+            state.head, emb, labels, k_sample)
+        rec_loss, g_rec, g_quality, centre, steps, rec_metrics = self.rec.loss_and_grads(
+            state.rec, emb, ui_emb, stats, labels, valid, k_quality)
+        (grads,) = backbone_vjp((g_head + g_rec).astype(emb.dtype))
+        rec_state = self.rec.update(state.rec, g_quality, centre, steps)
+        metrics = dict(_head_metrics(loss + rec_loss, stats, valid, row_grad_norm),
+                       head_loss=loss, quality_grad_norm=optax.tree.norm(g_quality),
+                       **rec_metrics)
+        return self._finish_step(state, grads, batch_stats, head_state, metrics,
+                                 rec_state=rec_state)
+
+    def _finish_step(self, state, grads, batch_stats, head_state, metrics, ssl_state=None,
+                     rec_state=None):
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # update_norm and row_grad_norm: the new state must be finite too (a loss
@@ -350,7 +402,8 @@ class Trainer:
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                        update_norm=optax.tree.norm(updates), lr=self.schedule(state.step))
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                               opt_state=opt_state, head=head_state, ssl=ssl_state)
+                               opt_state=opt_state, head=head_state, ssl=ssl_state,
+                               rec=rec_state)
         return new_state, metrics
 
     def describe(self, batch_size: int) -> str:
@@ -360,6 +413,8 @@ class Trainer:
                 f"{dict(self.mesh.shape)}"
         ssl = "" if self.ssl is None else \
             f"; contrastive {c.ssl.loss} on two views, projector {tuple(c.ssl.projector)}"
+        if self.rec is not None:
+            ssl += "; recognizability (UI centre, index diversion, quality head)"
         if self.head is None:
             return f"self-supervised pre-training: {where}{ssl}, labels unused"
         return (f"{where}; {c.head.num_classes} classes, table {self.head.table_shape}, "
@@ -368,7 +423,7 @@ class Trainer:
     def checkpoint_meta(self) -> dict:
         c = self.config
         meta = dict(model=c.model.name, embedding_dim=int(c.model.embedding_dim),
-                    ssl=self.ssl_mode)
+                    ssl=self.ssl_mode, recognizability=self.rec is not None)
         if self.head is not None:
             meta.update(padded_classes=self.head.padded_classes,
                         num_classes=int(c.head.num_classes))
@@ -435,7 +490,7 @@ def _accuracies(stats) -> jax.Array:
 def _check(step: int, metrics: dict, last_saved: int | None, num_classes: int | None) -> dict:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     watched = [k for k in ("loss", "grad_norm", "update_norm", "row_grad_norm",
-                           "ssl_grad_norm", "lr") if k in metrics]
+                           "ssl_grad_norm", "quality_grad_norm", "lr") if k in metrics]
     bad = [k for k in watched if not np.isfinite(metrics[k])]
     if bad:
         kept = ("the last good checkpoint is step "

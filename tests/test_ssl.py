@@ -273,8 +273,13 @@ def _hand_made(theta_a=0.3, theta_b=0.5):
     return np.array(views), np.array(labels), np.array(clean)
 
 
-@pytest.mark.parametrize("blocks", [{}, {"row_block": 1, "elements_per_chunk": 1}])
+@pytest.mark.parametrize("blocks", [{}, {"row_block": 1, "elements_per_chunk": 1},
+                                    {"row_block": 4, "mesh": 1}])
 def test_diagnostics_of_a_hand_made_set_equal_their_closed_forms(blocks):
+    """On 8 devices (classes, centres and images padded to a multiple of 8), in
+    one-row Gram blocks and one-class chunks, and on one device."""
+    if blocks.get("mesh") == 1:
+        blocks = dict(blocks, mesh=mesh_lib.make_mesh({"data": 1}, jax.devices()[:1]))
     ta, tb = 0.3, 0.5
     views, labels, clean = _hand_made(ta, tb)
     d_a, d_b = np.sqrt(2) * np.cos(ta), np.sqrt(2) * np.cos(tb)  # core <-> outlier d_A
@@ -300,3 +305,21 @@ def test_diagnostics_reject_what_they_cannot_measure():
         diagnose.diagnostics(views[:, :1], labels)
     with pytest.raises(ValueError, match="1 class"):
         diagnose.diagnostics(views, np.zeros_like(labels))
+
+
+def test_bad_ssl_configs_are_explained():
+    from pfc_jax.config import validate
+    for overrides, match in (({"ssl.mode": "simclr"}, "ssl.mode 'simclr'"),
+                             ({"ssl.loss": "byol"}, "ssl.loss 'byol'"),
+                             ({"ssl.temperature": 0.0}, "ssl.temperature"),
+                             ({"ssl.projector": (64, 0)}, "ssl.projector")):
+        with pytest.raises(ValueError, match=match):
+            validate(_ssl_config(**overrides), 8)
+    aux = load_recipe(os.path.join(ROOT, "configs", "tiny_cpu.py"), "test",
+                      {"ssl.mode": "aux", "grad_accum_steps": 2})
+    with pytest.raises(ValueError, match="grad_accum_steps = 1"):
+        validate(aux, 8)
+    validate(_ssl_config(), 8)  # pre-training needs no head.num_classes
+    assert _ssl_config().head.num_classes is None
+    with pytest.raises(ValueError, match="unknown argument 'big'"):
+        load_recipe(os.path.join(ROOT, "configs", "ssl.py"), "tiny,big")

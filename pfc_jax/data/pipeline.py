@@ -71,6 +71,7 @@ import grain
 import numpy as np
 
 from pfc_jax.data.augment import AugmentConfig, augment, normalize, resize
+from pfc_jax.data.degrade import Degradation
 
 __all__ = ["PipelineConfig", "Loader", "LoaderIterator", "make_loader", "measure_throughput",
            "normalize"]
@@ -93,6 +94,9 @@ class PipelineConfig:
       augment: the per-image augmentations.
       drop_remainder: drop the final short batch of a finite run.
       views: augmented views per record: 1, or 2 (``"image2"`` added).
+      degrade: a very-low-resolution degradation after the augmentation
+        (``pfc_jax.data.degrade``; its generator ``default_rng([seed, G, 2])``,
+        the second view's ``[seed, G, 3]``).
     """
 
     global_batch: int
@@ -105,6 +109,7 @@ class PipelineConfig:
     augment: AugmentConfig = AugmentConfig()
     drop_remainder: bool = True
     views: int = 1
+    degrade: Degradation = Degradation()
 
     def validate(self) -> None:
         """Raises ValueError naming the first field that is out of range."""
@@ -130,6 +135,9 @@ class PipelineConfig:
                              f"got {self.image_size!r}")
         if self.views not in (1, 2) or isinstance(self.views, bool):
             raise ValueError(f"PipelineConfig.views must be 1 or 2, got {self.views!r}")
+        if not isinstance(self.degrade, Degradation):
+            raise ValueError(f"PipelineConfig.degrade must be a Degradation, "
+                             f"got {type(self.degrade).__name__}")
         if not isinstance(self.augment, AugmentConfig):
             raise ValueError(f"PipelineConfig.augment must be an AugmentConfig, "
                              f"got {type(self.augment).__name__}")
@@ -221,8 +229,10 @@ class _LoadBatch:
             if not 0 <= label < self.num_classes:
                 raise ValueError(f"record {key}: label {label} outside [0, {self.num_classes})")
             if second is not None:
-                second[row] = self._augment(image, [self.cfg.seed, int(pos), 1])
-            images[row] = self._augment(image, [self.cfg.seed, int(pos)])
+                second[row] = self._degrade(self._augment(image, [self.cfg.seed, int(pos), 1]),
+                                            [self.cfg.seed, int(pos), 3])
+            images[row] = self._degrade(self._augment(image, [self.cfg.seed, int(pos)]),
+                                        [self.cfg.seed, int(pos), 2])
             labels[row] = label
             valid[row] = True
         out = {"image": images, "label": labels, "valid": valid,
@@ -230,6 +240,11 @@ class _LoadBatch:
         if second is not None:
             out["image2"] = second
         return out
+
+    def _degrade(self, image: np.ndarray, seed: list[int]) -> np.ndarray:
+        if self.cfg.degrade.is_identity:
+            return image
+        return self.cfg.degrade(image, np.random.default_rng(seed))
 
     def _augment(self, image: np.ndarray, seed: list[int]) -> np.ndarray:
         if self.cfg.augment.is_identity:
@@ -272,6 +287,8 @@ class Loader:
                "augment": self.cfg.augment.fingerprint()}
         if self.cfg.views != 1:  # a one-view state from before views existed still fits
             out["views"] = self.cfg.views
+        if not self.cfg.degrade.is_identity:  # likewise
+            out["degrade"] = json.loads(json.dumps(dataclasses.asdict(self.cfg.degrade)))
         return out
 
     def dataset(self, start: int = 0) -> grain.IterDataset:

@@ -3,15 +3,25 @@
     python -m pfc_jax.evaluate --workdir /ckpt/ms1mv3_r50 --bin /data/lfw.bin --bin /data/cfp_fp.bin
     pfc-eval --model /models/ms1mv3_r50 --bin lfw.bin       # an export_backbone directory
     pfc-eval --model M --bin lfw.bin --json m.json --roc plots/   # + ROC PNGs, curves in JSON
+    pfc-eval --workdir W --bin lfw.bin --lowres 16 --lowres 24 [--lowres-side one]
+    pfc-eval --workdir W --bin lfw.bin --lowres 16 --quality --edc plots/  # error vs discard
 
 Embeds each image and its horizontal flip, sums, normalises, and reports
-10-fold accuracy (mean ± std) and TAR at FAR 1e-3 per set.
+10-fold accuracy (mean ± std) and TAR at FAR 1e-3 per set. ``--lowres N``
+adds each set with its images degraded to N px and back (both images of a
+pair, or with ``--lowres-side one`` the second). ``--quality`` scores every
+image (the model's quality head when it has one, ``pfc_jax.recognizability``,
+beside the embedding norm and a random score) and reports each score's
+error-versus-discard curve (``pfc_jax.evaluate.quality``): FNMR at ``--fmr``
+as the lowest-quality genuine pairs are set aside, and its area.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+import numpy as np
 
 from pfc_jax import platform
 
@@ -34,7 +44,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="also write the results here (with each set's ROC "
                                    "curve, for pfc-plot --roc)")
     ap.add_argument("--roc", metavar="DIR", help="also draw DIR/roc_<set>.png per set")
+    ap.add_argument("--lowres", type=int, action="append", default=[], metavar="N",
+                    help="also each set degraded to N px and back (repeatable)")
+    ap.add_argument("--lowres-side", choices=("both", "one"), default="both")
+    ap.add_argument("--quality", action="store_true",
+                    help="error-versus-discard curves of the quality scores")
+    ap.add_argument("--fmr", type=float, default=1e-2, help="the EDC's false match rate")
+    ap.add_argument("--edc", metavar="DIR", help="with --quality: DIR/edc_<set>.png per set")
     args = ap.parse_args(argv)
+    if any(n < 1 or n > 112 for n in args.lowres):
+        ap.error(f"--lowres sides must be in [1, 112], got {args.lowres}")
 
     from pfc_jax import export
     from pfc_jax.evaluate import verification
@@ -49,8 +68,12 @@ def main(argv=None) -> dict:
     for path in args.bin:
         vs = verification.load_bin(path)
         sets[vs.name] = vs
-    results = verification.verify(make_embed_fn(model, variables, args.batch_size), sets,
-                                  args.batch_size, flip=not args.no_flip, progress=None)
+        for side in args.lowres:
+            low = verification.lowres(vs, side, args.lowres_side)
+            sets[low.name] = low
+    embed_fn = make_embed_fn(model, variables, args.batch_size)
+    results = verification.verify(embed_fn, sets, args.batch_size, flip=not args.no_flip,
+                                  progress=None)
     print(f"{what}\n{verification.format_results(results)}")
     out = {name: dict(accuracy=r.accuracy_mean, accuracy_std=r.accuracy_std,
                       tar_at_far={str(k): v for k, v in r.tar_at_far.items()},
@@ -66,6 +89,31 @@ def main(argv=None) -> dict:
                 continue
             print(plots.save(plots.roc_figure({what: r.roc}, f"ROC: {name}"),
                              f"{args.roc}/roc_{name}.png"))
+    if args.quality:
+        from pfc_jax.evaluate import quality as quality_lib
+        head = export.load_quality(args.workdir or args.model)
+        if head is None:
+            print("no quality head in this model (train with recognizability.enabled): "
+                  "the baselines only")
+        for name, vs in sets.items():
+            emb = verification.embed(embed_fn, vs.images, args.batch_size,
+                                     flip=not args.no_flip)
+            raw = verification.embed(embed_fn, vs.images, args.batch_size, flip=False,
+                                     normalize=False)
+            scores = quality_lib.baselines(raw)
+            if head is not None:
+                from pfc_jax import recognizability
+                scores = {"learned": recognizability.quality_scores(head["params"], raw),
+                          **scores}
+            similarity = np.sum(emb[0::2] * emb[1::2], axis=1)
+            curves = quality_lib.compare(similarity, vs.issame, scores, args.fmr)
+            out[name]["error_vs_discard"] = curves
+            print(f"{name}: error versus discard (FNMR at FMR {args.fmr:g})\n"
+                  + quality_lib.format_curves(curves))
+            if args.edc:
+                from pfc_jax import plots
+                print(plots.save(quality_lib.edc_figure(curves, f"error vs discard: {name}"),
+                                 f"{args.edc}/edc_{name}.png"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

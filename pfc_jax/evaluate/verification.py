@@ -227,7 +227,7 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
           batch_size: int = 64, flip: bool = True, progress: bool | None = False,
-          what: str = "embedding") -> np.ndarray:
+          what: str = "embedding", normalize: bool = True) -> np.ndarray:
     """Embeds images batch by batch and L2-normalises the result.
 
     ``embed_fn`` receives uint8 ``[batch_size, H, W, 3]`` batches (always this
@@ -239,7 +239,8 @@ def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
     (``logs.Progress``; None: when stderr is a terminal).
 
     Returns:
-      float64 ``[num_images, D]``, rows of unit norm.
+      float64 ``[num_images, D]``, rows of unit norm (raw sums with
+      ``normalize=False``).
     """
     from pfc_jax import logs
     images = np.asarray(images)
@@ -272,7 +273,23 @@ def embed(embed_fn: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
             feats = feats + run(np.ascontiguousarray(batch[:, :, ::-1]))
         chunks.append(feats[:count])
         bar.update(start + count)
-    return l2_normalize(np.concatenate(chunks, axis=0))
+    out = np.concatenate(chunks, axis=0)
+    return l2_normalize(out) if normalize else out
+
+
+def lowres(vset: VerificationSet, side: int, which: str = "both") -> VerificationSet:
+    """The set with images degraded to ``side`` px and back (bicubic,
+    ``pfc_jax.data.degrade``): ``both`` images of each pair, or ``one`` (the
+    second, as when a gallery photo meets a surveillance probe)."""
+    from pfc_jax.data.degrade import degrade
+    if which not in ("both", "one"):
+        raise ValueError(f"lowres: which must be 'both' or 'one', got {which!r}")
+    images = np.array(vset.images, copy=True)
+    rows = range(len(images)) if which == "both" else range(1, len(images), 2)
+    for i in rows:
+        images[i] = degrade(images[i], side, "bicubic")
+    return VerificationSet(f"{vset.name}@{side}px" + ("" if which == "both" else "-one"),
+                           images, vset.issame)
 
 
 # ---------------------------------------------------------------------------

@@ -27,8 +27,12 @@ NAMES: tuple[str, ...] = ("r18", "r34", "r50", "r100", "r200", "mbf",
 ALL_NAMES: tuple[str, ...] = NAMES + TINY_NAMES  # plus small CPU backbones (models/tiny.py)
 
 
+ATTENTION_NAMES = tuple(n for n in ALL_NAMES if n.startswith("r") or n == "mbf")
+
+
 def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
-              dropout: float = 0.0, conv_impl: str = "auto") -> nn.Module:
+              dropout: float = 0.0, conv_impl: str = "auto",
+              attention: bool = False) -> nn.Module:
     """Build backbone ``name`` (one of ``NAMES``).
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``dropout`` is the
@@ -37,6 +41,8 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
     ``conv_impl`` is how MobileFaceNet computes its grouped convolutions
     (``models.grouped_conv``: ``auto`` = tap by tap on the CPU, XLA's grouped
     convolution elsewhere; the same parameters and outputs either way).
+    ``attention``: perceptibility attention on the last feature map
+    (``models.attention``; IResNets and MobileFaceNet).
     """
     grouped_conv.resolve(conv_impl)  # validates
     if name not in ALL_NAMES:
@@ -45,27 +51,31 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    if name in TINY_NAMES:
-        return tiny(name, embedding_dim, dtype, dropout)
-    if name in STAGE_LAYERS:
-        return IResNet(layers=STAGE_LAYERS[name], embedding_dim=embedding_dim,
-                       dropout=dropout, dtype=dtype, arch=name)
+    if attention and name not in ATTENTION_NAMES:
+        raise ValueError(f"backbone {name!r} has no perceptibility attention; it is built "
+                         f"for {', '.join(ATTENTION_NAMES)}")
     if name in VIT_CONFIGS:  # dropout is the ViT's drop rate
         return VisionTransformer(config=VIT_CONFIGS[name], embedding_dim=embedding_dim,
                                  drop_rate=dropout, dtype=dtype, arch=name)
+    if name in TINY_NAMES:
+        return tiny(name, embedding_dim, dtype, dropout, attention)
+    if name in STAGE_LAYERS:
+        return IResNet(layers=STAGE_LAYERS[name], embedding_dim=embedding_dim,
+                       dropout=dropout, dtype=dtype, arch=name, attention=attention)
     if dropout != 0.0:
         raise ValueError(f"backbone 'mbf' has no dropout layer; got dropout={dropout}")
-    return mobilefacenet(embedding_dim, dtype, conv_impl)
+    return mobilefacenet(embedding_dim, dtype, conv_impl, attention)
 
 
 def from_config(model_config) -> nn.Module:
     """The backbone a config's ``model`` block names (``name``, ``embedding_dim``,
-    ``dtype``, ``dropout``, ``conv_impl``; the last three may be absent)."""
+    ``dtype``, ``dropout``, ``conv_impl``, ``attention``; the last four may be absent)."""
     get = model_config.get  # a ConfigDict or a dict
     return get_model(get("name"), embedding_dim=int(get("embedding_dim")),
                      dtype=jnp.dtype(get("dtype") or "float32"),
                      dropout=float(get("dropout") or 0.0),
-                     conv_impl=get("conv_impl") or "auto")
+                     conv_impl=get("conv_impl") or "auto",
+                     attention=bool(get("attention") or False))
 
 
 INPUT_SHAPE = (112, 112, 3)

@@ -126,6 +126,7 @@ class IResNet(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     arch: str = "iresnet"
+    attention: bool = False  # perceptibility attention on the last feature map
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -142,6 +143,9 @@ class IResNet(nn.Module):
                 x = IBasicBlock(planes, stride=2 if i == 0 else 1, dtype=self.dtype,
                                 name=f"layer{stage + 1}_{i}")(x, train)
         x = batch_norm(train, self.dtype, "bn2")(x)
+        if self.attention:
+            from pfc_jax.models.attention import PerceptibilityAttention
+            x = PerceptibilityAttention(name="attention")(x)
         x = x.reshape(x.shape[0], -1).astype(jnp.float32)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         fan_in = x.shape[-1]

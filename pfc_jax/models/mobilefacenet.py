@@ -95,6 +95,7 @@ class MobileFaceNet(nn.Module):
     scale: int = 2
     dtype: Dtype = jnp.float32
     conv_impl: str = "auto"  # depthwise / grouped convs: conv, shifted, or auto (by backend)
+    attention: bool = False  # perceptibility attention on the 7x7 map before the GDC head
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -122,6 +123,9 @@ class MobileFaceNet(nn.Module):
                               conv_impl=impl, name=f"res{s}_{i}")(x, train)
         x = x.astype(jnp.float32)
         x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train)
+        if self.attention:
+            from pfc_jax.models.attention import PerceptibilityAttention
+            x = PerceptibilityAttention(name="attention")(x)
         # GDC head: 7x7 depthwise linear conv collapses the 7x7 map to 1x1.
         x = ConvBlock(512, kernel=7, groups=512, activation=False, dtype=jnp.float32,
                       conv_impl=impl, name="gdc_dw")(x, train)
@@ -133,6 +137,7 @@ class MobileFaceNet(nn.Module):
 
 
 def mobilefacenet(embedding_dim: int = 512, dtype: Dtype = jnp.float32,
-                  conv_impl: str = "auto") -> MobileFaceNet:
+                  conv_impl: str = "auto", attention: bool = False) -> MobileFaceNet:
     """The reference recipe's "mbf": blocks (1, 4, 6, 2), scale 2."""
-    return MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype, conv_impl=conv_impl)
+    return MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype, conv_impl=conv_impl,
+                         attention=attention)

@@ -38,10 +38,12 @@ class ConvNetTiny(nn.Module):
         return nn.Dense(self.embedding_dim, param_dtype=jnp.float32)(x)
 
 
-def tiny(name: str, embedding_dim: int, dtype: Any, dropout: float) -> nn.Module:
+def tiny(name: str, embedding_dim: int, dtype: Any, dropout: float,
+         attention: bool = False) -> nn.Module:
     if name == "r_tiny":
         return IResNet(layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem_stride=2,
-                       embedding_dim=embedding_dim, dropout=dropout, dtype=dtype, arch=name)
+                       embedding_dim=embedding_dim, dropout=dropout, dtype=dtype, arch=name,
+                       attention=attention)
     if dropout:
         raise ValueError(f"backbone {name!r} has no dropout layer; got dropout={dropout}")
     return ConvNetTiny(embedding_dim=embedding_dim, dtype=dtype)

@@ -2,8 +2,8 @@
 """The contrastive-SSL experiment: augmentation strength, the paper's three factors,
 downstream accuracy; and Partial FC from scratch against from an SSL backbone.
 
-    .venv/bin/python bench/ssl.py --out /tmp/pfc_ssl                      # synthetic ids
-    .venv/bin/python bench/ssl.py --out /tmp/pfc_ssl_g --data /tmp/pfc_glyphs  # real images
+    .venv/bin/python bench/contrastive.py --out /tmp/pfc_ssl                      # synthetic ids
+    .venv/bin/python bench/contrastive.py --out /tmp/pfc_ssl_g --data /tmp/pfc_glyphs  # real images
 
 Part 1 (Huang, Yi, Zhao, ICLR 2023): for each augmentation strength S in
 ``--strengths`` (``pfc_jax.ssl.view_augmentation``), pre-train r_tiny with
@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--diag-classes", type=int, default=100)
     ap.add_argument("--parts", default="1,2")
+    ap.add_argument("--barlow", action="store_true",
+                    help="part 1 also pre-trains Barlow Twins at --ssl-strength")
     args = ap.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, ROOT)
@@ -150,26 +152,31 @@ def main():
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
 
-    def pretrain(s):
-        wd = os.path.join(args.out, f"ssl_s{s:g}")
-        run_train(f"configs/ssl.py:tiny,strength={s:g}", wd, pre, log)
+    def pretrain(s, loss="infonce"):
+        tag = "" if loss == "infonce" else f"_{loss}"
+        wd = os.path.join(args.out, f"ssl_s{s:g}{tag}")
+        run_train(f"configs/ssl.py:tiny,strength={s:g}", wd, dict(pre, **{"ssl.loss": loss}),
+                  log)
         return wd
 
     if "1" in parts:
         log(f"part 1: strengths {strengths}")
-        for s in strengths:
-            wd = pretrain(s)
+        runs = [(s, "infonce") for s in strengths]
+        if args.barlow:
+            runs.append((args.ssl_strength, "barlow"))
+        for s, loss in runs:
+            wd = pretrain(s, loss)
             rep = diagnose_run(wd, images, labels, s, deltas, args.views)
-            ft = os.path.join(args.out, f"pfc_from_s{s:g}")
+            ft = os.path.join(args.out, "pfc_from_" + os.path.basename(wd)[4:])
             run_train("configs/tiny_cpu.py", ft, dict(pfc, init_from=wd), log)
-            row = dict(strength=s, **rep, finetuned_accuracy=verify(ft, pairs),
+            row = dict(strength=s, loss=loss, **rep, finetuned_accuracy=verify(ft, pairs),
                        frozen_accuracy=verify(wd, pairs))
             results["part1"].append(row)
-            log(f"  S={s:g}: " + diagnose.format_report(rep).replace("\n", "\n    ") +
+            log(f"  S={s:g} {loss}: " + diagnose.format_report(rep).replace("\n", "\n    ") +
                 f"\n    verification frozen {row['frozen_accuracy']:.4f}, "
                 f"fine-tuned {row['finetuned_accuracy']:.4f}")
             save()
-        rows = results["part1"]
+        rows = [r for r in results["part1"] if r["loss"] == "infonce"]
         factors = {"alignment": [r["alignment"] for r in rows],
                    "divergence_max": [r["divergence_max"] for r in rows],
                    "divergence_mean": [r["divergence_mean"] for r in rows],
@@ -209,6 +216,8 @@ def main():
                 if init == "ssl":
                     over["init_from"] = wd
                 ft = os.path.join(args.out, name)
+                if init == "ssl" and frac == "100":  # part 1's fine-tune of this backbone
+                    ft = os.path.join(args.out, "pfc_from_" + os.path.basename(wd)[4:])
                 run_train("configs/tiny_cpu.py", ft, over, log)
                 row = dict(labels=f"{frac} %", init=init, accuracy=verify(ft, pairs))
                 results["part2"].append(row)
