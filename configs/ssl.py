@@ -22,7 +22,7 @@ fraction in [1 - 0.6 S, 1], colour jitter is 0.4 S, grayscale and
 low-resolution each have probability 0.2 S, blur 0.5 S).
 """
 
-from pfc_jax.config import base_config
+from pfc_jax.config import base_config, tiny_cpu
 from pfc_jax.ssl import view_augmentation
 
 
@@ -60,21 +60,7 @@ def get_config(arg: str | None = None):
     c.eval.bins = ("lfw", "cfp_fp", "agedb_30")
     c.data.update(view_augmentation(a["strength"]))
     if a["tiny"]:
-        c.model.name = "r_tiny"
-        c.model.embedding_dim = 128
-        c.model.dtype = "float32"
+        tiny_cpu(c, steps=600)
         c.ssl.projector = (256, 64)
-        c.data.kind = "synthetic"
-        c.data.synthetic_identities = 400
-        c.data.synthetic_images_per_identity = 24
-        c.data.num_images = 400 * 24
-        c.data.worker_count = 0
-        c.batch_size = 64
-        c.max_steps = 600
         c.optimizer.update(lr=2e-3, weight_decay=1e-4, warmup_epochs=0.2)
-        c.eval.bins = ()
-        c.eval.every_steps = 300
-        c.eval.batch_size = 64
-        c.checkpoint.every_steps = 300
-        c.log_every_steps = 25
     return c

@@ -7,30 +7,17 @@ Synthetic face-like identities (pfc_jax.data.synthetic), a small IResNet
 verification on held-out synthetic identities every 300 steps.
 """
 
-from pfc_jax.config import base_config
+from pfc_jax.config import base_config, tiny_cpu
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
-    c.model.name = "r_tiny"
-    c.model.embedding_dim = 128
+    c = tiny_cpu(base_config())  # r_tiny, 400 synthetic ids x 24, batch 64, 900 steps
     c.head.num_classes = 400
     c.head.sample_rate = 0.5
     c.head.scale = 32.0
     c.head.margins = (1.0, 0.0, 0.35)  # CosFace: trains from scratch more easily
-    c.data.kind = "synthetic"
-    c.data.synthetic_identities = 400
-    c.data.synthetic_images_per_identity = 24
-    c.data.num_images = 400 * 24
-    c.data.worker_count = 0
-    c.batch_size = 64
-    c.max_steps = 900
     c.optimizer.update(name="sgd", lr=0.1, weight_decay=5e-4, schedule="poly",
                        warmup_epochs=0.2)
-    c.eval.every_steps = 300
-    c.eval.batch_size = 64
-    c.checkpoint.every_steps = 300
-    c.log_every_steps = 25
     if arg == "test":  # the trainer tests: a handful of steps, no evaluation
         c.max_steps = 4
         c.batch_size = 16

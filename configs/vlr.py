@@ -24,7 +24,7 @@ is plain Partial FC with the same augmentation (the quality head's loss is
 detached, so it leaves the backbone as it is).
 """
 
-from pfc_jax.config import sgd_recipe
+from pfc_jax.config import sgd_recipe, tiny_cpu
 
 
 def get_config(arg: str | None = None):
@@ -43,24 +43,10 @@ def get_config(arg: str | None = None):
     if "nodiv" in parts:
         c.recognizability.diversion_weight = 0.0
     if "tiny" in parts:
-        c.model.name = "r_tiny"
-        c.model.embedding_dim = 128
-        c.model.dtype = "float32"
+        tiny_cpu(c)
         c.head.num_classes = 400
         c.head.sample_rate = 1.0
         c.head.scale = 32.0
         c.head.margins = (1.0, 0.0, 0.35)  # CosFace, as configs/tiny_cpu.py
-        c.data.kind = "synthetic"
-        c.data.synthetic_identities = 400
-        c.data.synthetic_images_per_identity = 24
-        c.data.num_images = 400 * 24
-        c.data.worker_count = 0
-        c.batch_size = 64
-        c.max_steps = 900
         c.optimizer.update(lr=0.1, weight_decay=5e-4, warmup_epochs=0.2)
-        c.eval.bins = ()
-        c.eval.every_steps = 300
-        c.eval.batch_size = 64
-        c.checkpoint.every_steps = 300
-        c.log_every_steps = 25
     return c

@@ -212,6 +212,23 @@ def validate(c, num_devices: int) -> None:
     total_steps(c)
 
 
+def tiny_cpu(c: ml_collections.ConfigDict, steps: int = 900) -> ml_collections.ConfigDict:
+    """``c`` at the CPU size of ``configs/tiny_cpu.py``: r_tiny (D = 128, float32) on
+    400 synthetic identities x 24 images, batch 64, ``steps`` steps, evaluation and
+    checkpoints every 300 (the recipes' ``tiny`` variants share it)."""
+    c.model.update(name="r_tiny", embedding_dim=128, dtype="float32")
+    c.data.update(kind="synthetic", synthetic_identities=400,
+                  synthetic_images_per_identity=24, num_images=400 * 24, worker_count=0)
+    c.batch_size = 64
+    c.max_steps = steps
+    c.eval.bins = ()
+    c.eval.every_steps = 300
+    c.eval.batch_size = 64
+    c.checkpoint.every_steps = 300
+    c.log_every_steps = 25
+    return c
+
+
 VERIFICATION_SETS = ("lfw", "cfp_fp", "agedb_30")
 
 

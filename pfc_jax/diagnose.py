@@ -301,10 +301,8 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training workdir (latest checkpoint unless --step)")
-    src.add_argument("--model", help="a pfc-export / pfc-import directory")
-    ap.add_argument("--step", type=int, default=None)
+    from pfc_jax.export import add_model_args
+    add_model_args(ap)
     ap.add_argument("--data", required=True,
                     help="KIND:PATH (recordio, folder, arrayrecord, tfds) or 'synthetic'")
     ap.add_argument("--strength", type=float, default=None,
@@ -328,12 +326,8 @@ def main(argv=None) -> dict:
 
     from pfc_jax import export, ssl
     from pfc_jax.evaluate.__main__ import make_embed_fn
-    config = None
-    if args.workdir:
-        config = export.load_workdir_config(args.workdir)
-        model, variables, _ = export.restore_backbone(args.workdir, args.step)
-    else:
-        model, variables = export.load_backbone(args.model)
+    config = export.load_workdir_config(args.workdir) if args.workdir else None
+    model, variables, _ = export.load_from_args(args)
     if args.strength is not None or config is None:
         from pfc_jax.config import base_config
         data = base_config().data

@@ -87,10 +87,8 @@ def load_image(path: str, landmarks, where: str) -> np.ndarray:
 
 def main(argv=None) -> tuple[str, str]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training workdir (latest checkpoint unless --step)")
-    src.add_argument("--model", help="a pfc-export / pfc-import directory")
-    ap.add_argument("--step", type=int, default=None)
+    from pfc_jax.export import add_model_args
+    add_model_args(ap)
     ap.add_argument("--images", required=True, help="a folder of aligned crops or a list file")
     ap.add_argument("--out", required=True, help="writes OUT.npy and OUT.txt")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -103,10 +101,7 @@ def main(argv=None) -> tuple[str, str]:
 
     items = read_list(args.images)
     load_image(*items[0])  # a bad first image fails before the model is loaded
-    if args.workdir:
-        model, variables, _ = export.restore_backbone(args.workdir, args.step)
-    else:
-        model, variables = export.load_backbone(args.model)
+    model, variables, _ = export.load_from_args(args)
     fn = make_embed_fn(model, variables, args.batch_size)
     feats = []
     for start in range(0, len(items), CHUNK):

@@ -123,6 +123,23 @@ def write_export(model_name: str, embedding_dim: int, variables, out_dir: str,
     return out_dir
 
 
+def add_model_args(ap) -> None:
+    """The commands' shared ``--workdir W [--step N] | --model DIR`` arguments."""
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a training workdir (latest checkpoint unless --step)")
+    src.add_argument("--model", help="a pfc-export / pfc-import directory")
+    ap.add_argument("--step", type=int, default=None)
+
+
+def load_from_args(args):
+    """(model, variables, description) of ``add_model_args``' choice."""
+    if args.workdir:
+        model, variables, step = restore_backbone(args.workdir, args.step)
+        return model, variables, f"{args.workdir} step {step}"
+    model, variables = load_backbone(args.model)
+    return model, variables, args.model
+
+
 def load_backbone(path: str):
     """(model, variables) from an ``export_backbone`` directory."""
     with open(os.path.join(path, "model.json")) as f:

@@ -40,10 +40,8 @@ def overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5) -> np.ndarr
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training workdir (latest checkpoint unless --step)")
-    src.add_argument("--model", help="a pfc-export directory")
-    ap.add_argument("--step", type=int, default=None)
+    from pfc_jax.export import add_model_args
+    add_model_args(ap)
     ap.add_argument("--images", required=True, help="a folder of aligned crops or a list file")
     ap.add_argument("--out", required=True, help="a folder for the PNGs and maps.npy")
     ap.add_argument("--lowres", type=int, default=None, metavar="N",
@@ -60,10 +58,7 @@ def main(argv=None) -> str:
     from pfc_jax.models.attention import attention_maps
 
     items = read_list(args.images)
-    if args.workdir:
-        model, variables, _ = export.restore_backbone(args.workdir, args.step)
-    else:
-        model, variables = export.load_backbone(args.model)
+    model, variables, _ = export.load_from_args(args)
     if not getattr(model, "attention", False):
         raise SystemExit(f"pfc-attention: {args.workdir or args.model} has no perceptibility "
                          "attention (train with --config.model.attention=True)")

@@ -34,10 +34,8 @@ def make_embed_fn(model, variables, batch_size: int):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a training workdir (latest checkpoint unless --step)")
-    src.add_argument("--model", help="a directory written by pfc_jax.export")
-    ap.add_argument("--step", type=int, default=None)
+    from pfc_jax.export import add_model_args
+    add_model_args(ap)
     ap.add_argument("--bin", action="append", required=True, help="a verification .bin file")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--no-flip", action="store_true")
@@ -58,12 +56,7 @@ def main(argv=None) -> dict:
     from pfc_jax import export
     from pfc_jax.evaluate import verification
 
-    if args.workdir:
-        model, variables, step = export.restore_backbone(args.workdir, args.step)
-        what = f"{args.workdir} step {step}"
-    else:
-        model, variables = export.load_backbone(args.model)
-        what = args.model
+    model, variables, what = export.load_from_args(args)
     sets = {}
     for path in args.bin:
         vs = verification.load_bin(path)
