@@ -244,6 +244,7 @@ def scatter(rows, deltas, out):
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     fig.suptitle("augmentation strength: concentration vs downstream accuracy")
+    fig.tight_layout()
     plots.save(fig, out)
 
 

@@ -278,51 +278,45 @@ class Trainer:
         # zero loss and gradient in the head, and not counted as bad labels.
         images, labels = batch["image"], batch["label"].astype(jnp.int32)
         valid = batch["valid"]
-        if n_acc == 1 and self.head.fuses_update(labels.shape[0]):
-            # The rows are updated inside the head's blockwise backward: no
-            # gathered copy of the sampled rows or their gradient.
-            idx = self.head.sample(labels, k_sample)
+        if n_acc == 1:
+            # Fused (lazy updates): the rows are updated inside the head's blockwise
+            # backward, with no gathered copy of the sampled rows or their gradient.
             emb, backbone_vjp, batch_stats = self._forward(
                 state.params, state.batch_stats, images, k_drop)
-            loss, stats, emb_grads, head_state, row_grad_norm = self.head.fused_step(
-                state.head, idx, emb, labels)
+            loss, stats, emb_grads, head_state, row_grad_norm = self._head_step(
+                state.head, emb, labels, k_sample)
             (grads,) = backbone_vjp(emb_grads.astype(emb.dtype))
             return self._finish_step(state, grads, batch_stats, head_state,
                                      _head_metrics(loss, stats, valid, row_grad_norm))
         # One class set, gathered once, for all micro-batches.
         idx, rows = self.head.sample_and_gather(state.head.centers, labels, k_sample)
-        if n_acc == 1:
-            loss, stats, grads, row_grads, batch_stats = self._micro(
-                state.params, state.batch_stats, rows, idx, images, labels, k_drop)
-            metrics = _head_metrics(loss, stats, valid, optax.tree.norm(row_grads))
-        else:
-            # Micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps its
-            # share of every micro-batch, so the split moves no data.
-            spec = NamedSharding(self.mesh, P(None, mesh_lib.batch_axes(self.mesh)))
+        # Micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps its
+        # share of every micro-batch, so the split moves no data.
+        spec = NamedSharding(self.mesh, P(None, mesh_lib.batch_axes(self.mesh)))
 
-            def split(x):
-                x = x.reshape(x.shape[0] // n_acc, n_acc, *x.shape[1:]).swapaxes(0, 1)
-                return jax.lax.with_sharding_constraint(x, spec)
+        def split(x):
+            x = x.reshape(x.shape[0] // n_acc, n_acc, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, spec)
 
-            def body(carry, mb):
-                g_acc, r_acc, bs, loss_acc, acc_sum, bad_acc = carry
-                mb_images, mb_labels, mb_valid, a = mb
-                loss, stats, grads, row_grads, bs = self._micro(
-                    state.params, bs, rows, idx, mb_images, mb_labels,
-                    jax.random.fold_in(k_drop, a))
-                g_acc = jax.tree.map(jnp.add, g_acc, grads)
-                return (g_acc, r_acc + row_grads, bs, loss_acc + loss,
-                        acc_sum + _accuracies(stats),
-                        bad_acc + jnp.sum(~stats["label_ok"] & mb_valid)), None
+        def body(carry, mb):
+            g_acc, r_acc, bs, loss_acc, acc_sum, bad_acc = carry
+            mb_images, mb_labels, mb_valid, a = mb
+            loss, stats, grads, row_grads, bs = self._micro(
+                state.params, bs, rows, idx, mb_images, mb_labels,
+                jax.random.fold_in(k_drop, a))
+            g_acc = jax.tree.map(jnp.add, g_acc, grads)
+            return (g_acc, r_acc + row_grads, bs, loss_acc + loss,
+                    acc_sum + _accuracies(stats),
+                    bad_acc + jnp.sum(~stats["label_ok"] & mb_valid)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (zeros, jnp.zeros_like(rows), state.batch_stats, 0.0, jnp.zeros(2), 0)
-            (grads, row_grads, batch_stats, loss, acc, bad), _ = jax.lax.scan(
-                body, init, (split(images), split(labels), split(valid), jnp.arange(n_acc)))
-            grads = jax.tree.map(lambda g: g / n_acc, grads)
-            row_grads, loss, acc = row_grads / n_acc, loss / n_acc, acc / n_acc
-            metrics = dict(loss=loss, top1=acc[0], margin_top1=acc[1], num_bad_labels=bad,
-                           row_grad_norm=optax.tree.norm(row_grads))
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.zeros_like(rows), state.batch_stats, 0.0, jnp.zeros(2), 0)
+        (grads, row_grads, batch_stats, loss, acc, bad), _ = jax.lax.scan(
+            body, init, (split(images), split(labels), split(valid), jnp.arange(n_acc)))
+        grads = jax.tree.map(lambda g: g / n_acc, grads)
+        row_grads, loss, acc = row_grads / n_acc, loss / n_acc, acc / n_acc
+        metrics = dict(loss=loss, top1=acc[0], margin_top1=acc[1], num_bad_labels=bad,
+                       row_grad_norm=optax.tree.norm(row_grads))
 
         head_state = self.head.update(state.head, idx, row_grads, rows)
         return self._finish_step(state, grads, batch_stats, head_state, metrics)
