@@ -34,6 +34,8 @@ def _model(name):
         return VisionTransformer(ViTConfig(embed_dim=64, depth=2, num_heads=4))
     if name == "mbf":  # the tap-by-tap form equals it (test_models.py) and compiles slower
         return models.get_model(name, conv_impl="conv")
+    if name == "r_tiny_attention":  # perceptibility attention (softmax over positions)
+        return models.get_model("r_tiny", attention=True)
     return models.get_model(name)
 
 
@@ -62,7 +64,7 @@ def _unit(a):
     return verification.l2_normalize(np.asarray(a, np.float64))
 
 
-@pytest.mark.parametrize("name", ["r_tiny", "mbf", "vit", "convnet_tiny"])
+@pytest.mark.parametrize("name", ["r_tiny", "mbf", "vit", "convnet_tiny", "r_tiny_attention"])
 def test_onnx_runtime_embeds_like_pfc_jax(name, tmp_path):
     model = _model(name)
     v = _variables(model)
