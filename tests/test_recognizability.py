@@ -255,9 +255,8 @@ def _vlr_config(**kw):
 
 
 def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        recs = [json.loads(line) for line in f]
-    return {r["step"]: r["train/loss"] for r in recs if "train/loss" in r}
+    from pfc_jax.plots import read_metrics
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
 
 
 @pytest.fixture(scope="module")

@@ -65,8 +65,14 @@ def main(argv=None) -> dict:
             low = verification.lowres(vs, side, args.lowres_side)
             sets[low.name] = low
     embed_fn = make_embed_fn(model, variables, args.batch_size)
-    results = verification.verify(embed_fn, sets, args.batch_size, flip=not args.no_flip,
-                                  progress=None)
+    # verification.verify, keeping the embeddings when the quality curves need them
+    results, embeddings = {}, {}
+    for name, vs in sets.items():
+        emb = verification.embed(embed_fn, vs.images, args.batch_size, flip=not args.no_flip,
+                                 progress=None, what=f"embedding {name}")
+        results[name] = verification.evaluate(emb, vs.issame)
+        if args.quality:
+            embeddings[name] = emb
     print(f"{what}\n{verification.format_results(results)}")
     out = {name: dict(accuracy=r.accuracy_mean, accuracy_std=r.accuracy_std,
                       tar_at_far={str(k): v for k, v in r.tar_at_far.items()},
@@ -89,8 +95,7 @@ def main(argv=None) -> dict:
             print("no quality head in this model (train with recognizability.enabled): "
                   "the baselines only")
         for name, vs in sets.items():
-            emb = verification.embed(embed_fn, vs.images, args.batch_size,
-                                     flip=not args.no_flip)
+            emb = embeddings[name]
             raw = verification.embed(embed_fn, vs.images, args.batch_size, flip=False,
                                      normalize=False)
             scores = quality_lib.baselines(raw)
