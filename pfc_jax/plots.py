@@ -119,8 +119,10 @@ def training_figure(records: Sequence[Mapping], title: str = ""):
 
 
 def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str = "ROC",
-               min_far: float | None = None):
-    """TAR against FAR (log x), one curve per entry; FAR = 0 points are left off."""
+               min_far: float | None = None, xlabel: str = "false accept rate",
+               ylabel: str = "true accept rate"):
+    """TAR against FAR (log x), one curve per entry; FAR = 0 points are left off.
+    (The same axes serve TPIR against FPIR with the labels changed.)"""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     lowest = 1.0
@@ -135,8 +137,8 @@ def roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str =
     ax.set_xscale("log")
     ax.set_xlim(lo, 1.0)
     ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("false accept rate")
-    ax.set_ylabel("true accept rate")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
