@@ -1,4 +1,4 @@
-"""Import of ``arcface_torch`` IResNet and MobileFaceNet weights into pfc_jax.
+"""Import of ``arcface_torch`` IResNet, MobileFaceNet and ViT weights into pfc_jax.
 
     pfc-import --torch backbone.pth --out /models/r50_from_torch [--network r50]
 
@@ -6,7 +6,8 @@ reads the state_dict an ``arcface_torch`` run saves (``backbone.pth``) and
 writes a pfc_jax export (``backbone.msgpack`` + ``model.json``), which
 ``pfc-eval --model`` scores, ``pfc-export``-style ONNX can be made from, and
 ``pfc-train --config.init_from=DIR`` starts from. The network (r18 ... r200,
-mbf) and the embedding size are read from the tensors' names and shapes;
+mbf, vit_t/s/b/l) and the embedding size are read from the tensors' names
+and shapes;
 ``--network`` only checks them.
 
 What changes on the way in (the function and the numbers it computes stay
@@ -19,6 +20,12 @@ the same):
   ``layers.3.layers.1.layers.2`` (Sequential indices) -> ``res1_1/project``;
   BatchNorm ``weight/bias/running_mean/running_var`` -> ``scale/bias/mean/var``;
   PReLU ``weight`` -> ``slope``;
+- ViT: ``patch_embed.proj`` -> ``patch_embed``, ``blocks.i.attn.qkv`` ->
+  ``block{i}/attn/qkv``, ``blocks.i.mlp.fc1`` -> ``block{i}/fc1``, LayerNorm
+  ``weight`` -> ``scale``, ``feature.0..3`` -> ``feature_fc1 / feature_bn1 /
+  feature_fc2 / feature_bn2``; Linear weights ``[out, in]`` transposed. Tokens
+  are flattened in the same (token, channel) order on both sides. The heads
+  count is not in the weights; every arcface_torch ViT uses 8, as pfc_jax's;
 - the final BatchNorm1d: arcface_torch freezes its weight at 1 and pfc_jax has
   no such parameter. A weight ``w != 1`` is carried exactly by the variance:
   ``(x - m) / sqrt(v + eps) * w == (x - m) / sqrt(v' + eps)`` with
@@ -75,8 +82,29 @@ def _mbf_blocks(sd) -> tuple[int, ...]:
     return (first, count(3), count(5), count(7))
 
 
+def _vit_network(sd) -> tuple[str, int]:
+    from pfc_jax.models.vit import CONFIGS, NUM_PATCHES
+    dim = int(np.shape(sd["pos_embed"])[-1])
+    if np.shape(sd["pos_embed"])[1] != NUM_PATCHES:
+        raise ValueError(f"pos_embed has {np.shape(sd['pos_embed'])[1]} tokens; pfc_jax's ViT "
+                         f"has {NUM_PATCHES} (112x112 images, 9x9 patches)")
+    pat = re.compile(r"^blocks\.(\d+)\.")
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := pat.match(k))), default=-1)
+    for name, cfg in CONFIGS.items():
+        if (cfg.embed_dim, cfg.depth) == (dim, depth):
+            break
+    else:
+        raise ValueError(f"a ViT of width {dim} and depth {depth} is none of pfc_jax's "
+                         f"{ {n: (c.embed_dim, c.depth) for n, c in CONFIGS.items()} }")
+    if "feature.2.weight" not in sd:
+        raise ValueError("state_dict has no feature.2.weight (the ViT's embedding layer)")
+    return name, int(np.shape(sd["feature.2.weight"])[0])
+
+
 def network_of(sd: Mapping[str, np.ndarray]) -> tuple[str, int]:
-    """(r18 ... r200 or mbf, embedding size) from a state_dict's names and shapes."""
+    """(r18 ... r200, mbf or vit_*, embedding size) from a state_dict's names and shapes."""
+    if "pos_embed" in sd and "patch_embed.proj.weight" in sd:  # arcface_torch's ViT
+        return _vit_network(sd)
     if "layers.0.layers.0.weight" in sd:  # arcface_torch's MobileFaceNet
         blocks = _mbf_blocks(sd)
         if blocks != MBF_BLOCKS:
@@ -162,15 +190,51 @@ def _mbf(sd, dim):
     return {"params": params, "batch_stats": stats}
 
 
+def _linear(sd, key, bias=True):
+    out = {"kernel": np.ascontiguousarray(_take(sd, key + ".weight").T)}
+    if bias:
+        out["bias"] = _take(sd, key + ".bias")
+    return out
+
+
+def _ln(sd, key):
+    return {"scale": _take(sd, key + ".weight"), "bias": _take(sd, key + ".bias")}
+
+
+def _vit(sd, depth):
+    """ViT: ModuleList / Sequential indices -> pfc_jax's names, Linear weights transposed."""
+    params: dict = {
+        "patch_embed": {"kernel": _conv(sd, "patch_embed.proj"),
+                        "bias": _take(sd, "patch_embed.proj.bias")},
+        "pos_embed": _take(sd, "pos_embed"),
+        "mask_token": _take(sd, "mask_token"),
+        "norm": _ln(sd, "norm"),
+        "feature_fc1": _linear(sd, "feature.0", bias=False),
+        "feature_fc2": _linear(sd, "feature.2", bias=False),
+    }
+    stats: dict = {}
+    for i in range(depth):
+        t = f"blocks.{i}"
+        params[f"block{i}"] = {
+            "norm1": _ln(sd, f"{t}.norm1"), "norm2": _ln(sd, f"{t}.norm2"),
+            "attn": {"qkv": _linear(sd, f"{t}.attn.qkv", bias=False),
+                     "proj": _linear(sd, f"{t}.attn.proj")},
+            "fc1": _linear(sd, f"{t}.mlp.fc1"), "fc2": _linear(sd, f"{t}.mlp.fc2")}
+    for k, ours in (("feature.1", "feature_bn1"), ("feature.3", "feature_bn2")):
+        params[ours], stats[ours] = {}, {}
+        _bn(sd, k, params[ours], stats[ours])
+    return {"params": params, "batch_stats": stats}
+
+
 def from_state_dict(sd: Mapping[str, np.ndarray], network: str | None = None):
-    """(model, variables) of pfc_jax's IResNet or mbf holding the state_dict's weights."""
+    """(model, variables) of pfc_jax's IResNet, mbf or ViT holding the state_dict's weights."""
     from pfc_jax import models
     name, dim = network_of(sd)
     if network is not None and network != name:
         raise ValueError(f"the state_dict is {name}, not {network}")
     model = models.get_model(name, embedding_dim=dim)
-    if name == "mbf":
-        variables = _mbf(sd, dim)
+    if name in ("mbf",) or name.startswith("vit_"):
+        variables = _mbf(sd, dim) if name == "mbf" else _vit(sd, model.config.depth)
         _check_tree(model, variables)
         return model, variables
     params: dict = {}
@@ -235,11 +299,13 @@ def _check_tree(model, variables) -> None:
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description="Import arcface_torch IResNet / mbf weights.")
+    ap = argparse.ArgumentParser(description="Import arcface_torch IResNet / mbf / ViT "
+                                             "weights.")
     ap.add_argument("--torch", required=True, metavar="PTH",
                     help="an arcface_torch backbone.pth (state_dict)")
     ap.add_argument("--out", required=True, help="the pfc_jax export directory to write")
-    ap.add_argument("--network", choices=sorted(STAGE_LAYERS) + ["mbf"],
+    from pfc_jax.models.vit import CONFIGS as VIT_CONFIGS
+    ap.add_argument("--network", choices=sorted(STAGE_LAYERS) + ["mbf"] + sorted(VIT_CONFIGS),
                     help="check the state_dict is this network")
     args = ap.parse_args(argv)
     sd = load_state_dict(args.torch)

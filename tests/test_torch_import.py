@@ -228,3 +228,91 @@ def test_an_arcface_torch_mobilefacenet_imports_and_embeds_the_same(tmp_path):
     model = model.clone(conv_impl="conv")  # equal to the tap-by-tap form (test_models.py)
     got = jax.jit(lambda x: model.apply(v, x, train=False))(x)
     np.testing.assert_allclose(_unit(got), _unit(want), rtol=0, atol=TOL)
+
+
+# ---------------------------------------------------------------------- ViT
+class TorchViTBlock(nn.Module):
+    """arcface_torch's pre-norm Block: norm1, attn.qkv (no bias), attn.proj, norm2,
+    mlp.fc1 / ReLU6 / mlp.fc2."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        h = self.norm1(x)
+        qkv = self.attn.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        a = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(dim=-1)
+        x = x + self.attn.proj((a @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp.fc2(nn.functional.relu6(self.mlp.fc1(self.norm2(x))))
+
+
+class TorchViT(nn.Module):
+    """arcface_torch's VisionTransformer at 112x112, 9x9 patches, no class token, eval form."""
+
+    def __init__(self, dim, depth, heads=8, num_features=512):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 9, 9)
+        self.pos_embed = nn.Parameter(torch.randn(1, 144, dim) * 0.02)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = nn.ModuleList([TorchViTBlock(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.feature = nn.Sequential(nn.Linear(dim * 144, dim, bias=False),
+                                     nn.BatchNorm1d(dim, eps=2e-5),
+                                     nn.Linear(dim, num_features, bias=False),
+                                     nn.BatchNorm1d(num_features, eps=2e-5))
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.feature(self.norm(x).reshape(x.shape[0], -1))
+
+
+def test_an_arcface_torch_vit_imports_and_embeds_the_same(tmp_path):
+    torch.manual_seed(2)
+    net = TorchViT(256, 12)  # vit_t's width and depth
+    for m in net.modules():
+        if isinstance(m, nn.LayerNorm):  # off the identity, so the mapping of scale matters
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0, 0.1)
+    faces = SyntheticFaces(4, 2, seed=3)
+    x = np.asarray(normalize(jnp.asarray(np.stack([faces[i]["image"] for i in range(6)]))))
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(xt)
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    net.eval()
+    with torch.no_grad():
+        want = net(xt).numpy()
+    path = tmp_path / "vit.pth"
+    torch.save(net.state_dict(), path)
+    out = torch_import.main(["--torch", str(path), "--out", str(tmp_path / "imp")])
+    model, v = export.load_backbone(out)
+    assert type(model).__name__ == "VisionTransformer" and model.config.embed_dim == 256
+    got = jax.jit(lambda x: model.apply(v, x, train=False))(x)
+    np.testing.assert_allclose(_unit(got), _unit(want), rtol=0, atol=TOL)
+    sd = torch_import.load_state_dict(str(path))
+    del sd["blocks.11.norm1.weight"], sd["blocks.11.norm1.bias"]
+    with pytest.raises(KeyError, match="blocks.11.norm1.weight"):
+        torch_import.from_state_dict(sd)
+    sd = {k: v for k, v in torch_import.load_state_dict(str(path)).items()
+          if not k.startswith("blocks.11.")}
+    with pytest.raises(ValueError, match="width 256 and depth 11 is none of pfc_jax's"):
+        torch_import.network_of(sd)
