@@ -300,14 +300,23 @@ def _check_tree(model, variables) -> None:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description="Import arcface_torch IResNet / mbf / ViT "
-                                             "weights.")
-    ap.add_argument("--torch", required=True, metavar="PTH",
-                    help="an arcface_torch backbone.pth (state_dict)")
+                                             "weights, or an InsightFace recognition ONNX model.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--torch", metavar="PTH", help="an arcface_torch backbone.pth (state_dict)")
+    src.add_argument("--onnx", metavar="FILE", help="an InsightFace recognition .onnx "
+                     "(pfc_jax.onnx_import)")
+    ap.add_argument("--calibrate", metavar="BIN", help="with --onnx: a verification .bin whose "
+                    "faces set the statistics of folded BatchNorms (default: synthetic faces)")
     ap.add_argument("--out", required=True, help="the pfc_jax export directory to write")
     from pfc_jax.models.vit import CONFIGS as VIT_CONFIGS
     ap.add_argument("--network", choices=sorted(STAGE_LAYERS) + ["mbf"] + sorted(VIT_CONFIGS),
                     help="check the state_dict is this network")
     args = ap.parse_args(argv)
+    if args.onnx:
+        from pfc_jax import onnx_import
+        return onnx_import.main(["--onnx", args.onnx, "--out", args.out]
+                                + (["--network", args.network] if args.network else [])
+                                + (["--calibrate", args.calibrate] if args.calibrate else []))
     sd = load_state_dict(args.torch)
     model, variables = from_state_dict(sd, args.network)
     name, dim = network_of(sd)

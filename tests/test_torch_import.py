@@ -316,3 +316,114 @@ def test_an_arcface_torch_vit_imports_and_embeds_the_same(tmp_path):
           if not k.startswith("blocks.11.")}
     with pytest.raises(ValueError, match="width 256 and depth 11 is none of pfc_jax's"):
         torch_import.network_of(sd)
+
+
+# ---------------------------------------------- InsightFace model-zoo ONNX in
+def _zoo_onnx(net, path, x):
+    """``net`` written as the model zoo's files are: PyTorch's TorchScript ONNX exporter
+    in eval mode (BatchNorms after convolutions folded into them), opset 11."""
+    import warnings
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, torch.from_numpy(np.ascontiguousarray(x[:1].transpose(0, 3, 1, 2))),
+                          str(path), input_names=["input.1"], output_names=["fc1"],
+                          dynamic_axes={"input.1": {0: "None"}}, opset_version=11,
+                          do_constant_folding=True, dynamo=False)
+    import onnx
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    return ops
+
+
+def test_a_model_zoo_onnx_iresnet_imports_and_embeds_the_same(torch_r18, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pfc_jax import onnx_import
+    path, x, want = torch_r18
+    net = TorchIResNet((2, 2, 2, 2))
+    net.load_state_dict(torch.load(path))
+    ops = _zoo_onnx(net, tmp_path / "r18.onnx", x)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert ops.count("Conv") == 21 and ops.count("BatchNormalization") < n_bn  # folded
+    out = torch_import.main(["--onnx", str(tmp_path / "r18.onnx"), "--out",
+                             str(tmp_path / "imp")])
+    model, v = export.load_backbone(out)
+    assert type(model).__name__ == "IResNet" and model.layers == (2, 2, 2, 2)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    np.testing.assert_allclose(_unit(fwd(v, x)), _unit(want), rtol=0, atol=TOL)
+
+    # Calibration: the folded BNs hold the statistics of their convolution's output on
+    # the calibration faces (checked for the stem against a float64 convolution here), and
+    # training mode on those faces lands closer to inference than the pass-through form.
+    imgs = onnx_import.calibration_images(None)
+    xc = np.asarray(normalize(jnp.asarray(imgs)), np.float64)
+    k = np.asarray(v["params"]["conv1"]["kernel"], np.float64)
+    y = jax.lax.conv_general_dilated(jnp.asarray(xc, jnp.float32), jnp.asarray(k, jnp.float32),
+                                     (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision="highest")
+    y = np.asarray(y, np.float64).reshape(-1, k.shape[-1])
+    np.testing.assert_allclose(v["batch_stats"]["bn1"]["mean"], y.mean(0), rtol=1e-4,
+                               atol=1e-5 * np.abs(y).max())
+    np.testing.assert_allclose(v["batch_stats"]["bn1"]["var"], y.var(0), rtol=1e-3)
+    events, _ = onnx_import.read_events(str(tmp_path / "r18.onnx"))
+    plain, _ = onnx_import.fill(model, events)
+
+    @jax.jit
+    def both(vv, xx):
+        return (model.apply(vv, xx, train=True, mutable=["batch_stats"])[0],
+                model.apply(vv, xx, train=False))
+
+    def train_vs_eval(vv):
+        tr, ev = both(vv, jnp.asarray(xc[:8], jnp.float32))
+        return float(np.mean(np.sum(_unit(tr) * _unit(ev), axis=1)))
+
+    assert train_vs_eval(v) > train_vs_eval(plain)
+
+
+def test_a_model_zoo_onnx_mobilefacenet_imports_and_embeds_the_same(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pfc_jax import onnx_import
+    torch.manual_seed(3)
+    net = TorchMobileFaceNet()
+    faces = SyntheticFaces(4, 2, seed=3)
+    x = np.asarray(normalize(jnp.asarray(np.stack([faces[i]["image"] for i in range(8)]))))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+        want = net.eval()(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    ops = _zoo_onnx(net, tmp_path / "mbf.onnx", x)
+    assert "BatchNormalization" in ops  # the GDC's BatchNorm1d after the linear layer
+    model, v, name, dim, diff = onnx_import.from_onnx(str(tmp_path / "mbf.onnx"))
+    assert (name, dim) == ("mbf", 512) and diff < 1e-4
+    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
+    np.testing.assert_allclose(_unit(got), _unit(want.numpy()), rtol=0, atol=TOL)
+
+
+def test_onnx_graphs_pfc_jax_cannot_read_are_named(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+    from pfc_jax import onnx_import
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.zeros(108, np.float32))
+    c = helper.make_tensor("c", TensorProto.FLOAT, [1], [100.0])
+    nodes = [helper.make_node("Sub", ["x", "c"], ["xs"]),
+             helper.make_node("Conv", ["xs", "w"], ["y"], name="stem")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [None, 3, 112, 112])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, c])
+    onnx.save(helper.make_model(g), tmp_path / "a.onnx")
+    with pytest.raises(ValueError, match=r"maps its input x to 1 x \+ -100"):
+        onnx_import.read_events(str(tmp_path / "a.onnx"))
+    events = [onnx_import.Event("conv", "stem", np.zeros((3, 3, 3, 64), np.float32),
+                                np.zeros(64, np.float32))]
+    with pytest.raises(ValueError, match="0 linear layers: not an IResNet"):
+        onnx_import.network_of(events)
+    from pfc_jax import models
+    with pytest.raises(ValueError, match=r"ends before pfc_jax's prelu \(prelu\)"):
+        onnx_import.fill(models.get_model("r18", embedding_dim=8), events)
+    (tmp_path / "b.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="b.onnx: not an ONNX model"):
+        onnx_import.read_events(str(tmp_path / "b.onnx"))
