@@ -1,6 +1,7 @@
 """Import of ``arcface_torch`` IResNet, MobileFaceNet and ViT weights into pfc_jax.
 
     pfc-import --torch backbone.pth --out /models/r50_from_torch [--network r50]
+    pfc-import --onnx w600k_r50.onnx --out /models/w600k_r50    # pfc_jax.onnx_import
 
 reads the state_dict an ``arcface_torch`` run saves (``backbone.pth``) and
 writes a pfc_jax export (``backbone.msgpack`` + ``model.json``), which

@@ -379,6 +379,28 @@ def test_a_model_zoo_onnx_iresnet_imports_and_embeds_the_same(torch_r18, tmp_pat
 
     assert train_vs_eval(v) > train_vs_eval(plain)
 
+    # A fine-tune from the import runs: two SGD steps on synthetic faces, a fresh head.
+    import importlib.util
+    import os
+
+    from pfc_jax import train
+    spec = importlib.util.spec_from_file_location("tiny_cpu", os.path.join(
+        os.path.dirname(__file__), "..", "configs", "tiny_cpu.py"))
+    cfg_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cfg_mod)
+    c = cfg_mod.get_config("test")
+    c.model.name, c.model.embedding_dim, c.init_from = "r18", 512, out
+    c.max_steps, c.batch_size, c.checkpoint.every_steps = 2, 8, 2
+    work = str(tmp_path / "finetune")
+    train.train_and_evaluate(c, work)
+    _, tuned, step = export.restore_backbone(work)
+    from pfc_jax import plots
+    losses = [r["loss"] for r in plots.read_metrics(work) if "loss" in r]
+    assert step == 2 and losses and all(np.isfinite(losses))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(v["params"]), jax.tree.leaves(tuned["params"]))]
+    assert any(moved)
+
 
 def test_a_model_zoo_onnx_mobilefacenet_imports_and_embeds_the_same(tmp_path):
     pytest.importorskip("onnxruntime")

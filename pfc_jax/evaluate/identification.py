@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pfc_jax.evaluate.verification import l2_normalize, roc_curve, tar_at_far_scores
+from pfc_jax.evaluate.verification import l2_normalize, roc_curve, tar_at_fars_scores
 
 FPIRS = (1e-2, 1e-1)
 RANKS = (1, 5, 10)
@@ -108,7 +108,7 @@ def evaluate(scores: SearchScores, fpirs: Sequence[float] = FPIRS,
     # A mated probe's candidate is a hit only when it is its mate (rank 1).
     hit = np.where(scores.mate_rank[mated] == 1, scores.mate_score[mated], -np.inf)
     nonmated_top = scores.top_score[~mated]
-    tpir = {float(f): tar_at_far_scores(hit, nonmated_top, f)[0] for f in fpirs}
+    tpir = {float(f): g[0] for f, g in zip(fpirs, tar_at_fars_scores(hit, nonmated_top, fpirs))}
     curve = roc_curve(hit, nonmated_top) if n_m and n_nm else None
     return IdentificationResult(tpir, rank, n_m, n_nm, curve)
 

@@ -334,19 +334,29 @@ def tar_at_far_scores(pos_scores: np.ndarray, neg_scores: np.ndarray,
       ``(tar, achieved_far, threshold)``; ``tar`` is NaN when there are no
       positives, and everything is NaN when there are no negatives.
     """
-    pos = np.asarray(pos_scores, dtype=np.float64).ravel()
-    neg = np.asarray(neg_scores, dtype=np.float64).ravel()
-    if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must lie in [0, 1], got {far}")
-    if neg.size == 0:
-        return math.nan, math.nan, math.nan
-    k = int(math.floor(far * neg.size + _FAR_COUNT_SLACK))
-    if k >= neg.size:
-        threshold = -math.inf
-    else:
-        threshold = float(np.sort(neg)[::-1][k])
-    tar = float(np.mean(pos > threshold)) if pos.size else math.nan
-    return tar, float(np.mean(neg > threshold)), threshold
+    return tar_at_fars_scores(pos_scores, neg_scores, (far,))[0]
+
+
+def tar_at_fars_scores(pos_scores: np.ndarray, neg_scores: np.ndarray,
+                       fars) -> list[tuple[float, float, float]]:
+    """:func:`tar_at_far_scores` at each of ``fars``, sorting the scores once."""
+    pos = np.sort(np.asarray(pos_scores, dtype=np.float64).ravel())
+    neg = np.sort(np.asarray(neg_scores, dtype=np.float64).ravel())
+    out = []
+    for far in fars:
+        if not 0.0 <= far <= 1.0:
+            raise ValueError(f"far must lie in [0, 1], got {far}")
+        if neg.size == 0:
+            out.append((math.nan, math.nan, math.nan))
+            continue
+        k = int(math.floor(far * neg.size + _FAR_COUNT_SLACK))
+        threshold = -math.inf if k >= neg.size else float(neg[neg.size - 1 - k])
+        # counts of scores > threshold, from the sorted arrays
+        tar = (float(pos.size - np.searchsorted(pos, threshold, side="right")) / pos.size
+               if pos.size else math.nan)
+        achieved = float(neg.size - np.searchsorted(neg, threshold, side="right")) / neg.size
+        out.append((tar, achieved, threshold))
+    return out
 
 
 def roc_curve(pos_scores: np.ndarray, neg_scores: np.ndarray,
