@@ -395,7 +395,7 @@ def test_a_model_zoo_onnx_iresnet_imports_and_embeds_the_same(torch_r18, tmp_pat
     train.train_and_evaluate(c, work)
     _, tuned, step = export.restore_backbone(work)
     from pfc_jax import plots
-    losses = [r["loss"] for r in plots.read_metrics(work) if "loss" in r]
+    losses = [r["train/loss"] for r in plots.read_metrics(work) if "train/loss" in r]
     assert step == 2 and losses and all(np.isfinite(losses))
     moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
              zip(jax.tree.leaves(v["params"]), jax.tree.leaves(tuned["params"]))]
