@@ -13,6 +13,7 @@ loss detached so that it leaves the backbone alone) on one device:
     div    noatt         + index diversion
     att    nodiv         + perceptibility attention
     both                 + both
+    attsig, bothsig      att / both with the attention gated per position (sigmoid)
 
 and scores it on held-out pairs with ``pfc-eval``: verification accuracy at
 full resolution, at ``--sides`` px (both images degraded, bicubic), and the
@@ -33,14 +34,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ROWS = {"pfc": "nodiv,noatt", "div": "noatt", "att": "nodiv", "both": ""}
+ROWS = {"pfc": "nodiv,noatt", "div": "noatt", "att": "nodiv", "both": "",
+        "attsig": "nodiv,sigmoid", "bothsig": "sigmoid"}  # the last two: --rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--data", default=None, help="a bench/make_glyphs.py folder")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default="pfc,div,att,both")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--identities", type=int, default=400)

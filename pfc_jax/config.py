@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
         # elsewhere) | conv | shifted; the same parameters and outputs
         conv_impl="auto",
         attention=False,       # perceptibility attention on the last feature map (r*, mbf)
+        attention_gate="softmax",  # its form: softmax over positions | sigmoid per position
     ))
 
     c.head = ml_collections.ConfigDict(dict(

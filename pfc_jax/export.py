@@ -92,6 +92,7 @@ def export_backbone(workdir: str, out_dir: str, step: int | None = None,
     meta = dict(dtype=config.model.dtype, step=int(step))
     if config.model.get("attention"):
         meta["attention"] = True
+        meta["attention_gate"] = config.model.get("attention_gate") or "softmax"
     quality = restore_quality(workdir, step)
     if quality is not None:  # recognizability runs: the quality head and the UI centre
         os.makedirs(out_dir, exist_ok=True)
@@ -145,7 +146,8 @@ def load_backbone(path: str):
     with open(os.path.join(path, "model.json")) as f:
         meta = json.load(f)
     model = models.from_config(dict(name=meta["model"], embedding_dim=meta["embedding_dim"],
-                                    dtype=meta["dtype"], attention=meta.get("attention", False)))
+                                    dtype=meta["dtype"], attention=meta.get("attention", False),
+                                    attention_gate=meta.get("attention_gate", "softmax")))
     target = models.abstract_variables(model)
     with open(os.path.join(path, "backbone.msgpack"), "rb") as f:
         variables = flax.serialization.from_bytes(target, f.read())

@@ -7,7 +7,8 @@ For a backbone trained with ``model.attention`` (``pfc_jax.models.attention``)
 writes, per image, ``NAME.png``: the (optionally ``--lowres``-degraded)
 input beside the same image with the attention map (bilinear up to 112x112,
 scaled to its maximum) laid over it in a colour map; and ``maps.npy``
-(float32 ``[N, h, w]``, each map summing to 1, the model's own resolution)
+(float32 ``[N, h, w]`` at the model's own resolution: each map sums to 1 with the
+softmax gate, each entry in (0, 1) with the sigmoid one)
 with ``maps.txt`` (the image paths in that order). ``--images`` is read as
 ``pfc-embed`` reads it (a folder of aligned crops, or a list file with
 optional five landmarks).

@@ -36,6 +36,8 @@ def _model(name):
         return models.get_model(name, conv_impl="conv")
     if name == "r_tiny_attention":  # perceptibility attention (softmax over positions)
         return models.get_model("r_tiny", attention=True)
+    if name == "r_tiny_attention_sigmoid":  # gated per position
+        return models.get_model("r_tiny", attention=True, attention_gate="sigmoid")
     return models.get_model(name)
 
 
@@ -64,7 +66,8 @@ def _unit(a):
     return verification.l2_normalize(np.asarray(a, np.float64))
 
 
-@pytest.mark.parametrize("name", ["r_tiny", "mbf", "vit", "convnet_tiny", "r_tiny_attention"])
+@pytest.mark.parametrize("name", ["r_tiny", "mbf", "vit", "convnet_tiny", "r_tiny_attention",
+                                  "r_tiny_attention_sigmoid"])
 def test_onnx_runtime_embeds_like_pfc_jax(name, tmp_path):
     model = _model(name)
     v = _variables(model)

@@ -195,6 +195,20 @@ def test_attention_map_has_the_feature_map_shape_sums_to_one_and_starts_as_ident
     assert shape == (2, 7, 7)
     with pytest.raises(ValueError, match="no perceptibility attention"):
         models.get_model("vit_t", 32, attention=True)
+    # the per-position gate: sigmoid(0) = 1/2 everywhere, times 2: the identity again
+    sig = models.get_model("r_tiny", 32, attention=True, attention_gate="sigmoid")
+    a = np.asarray(attention_maps(sig, v, x))
+    assert a.shape == (2, 4, 4)
+    np.testing.assert_allclose(a, 0.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(sig.apply(v, x)), np.asarray(plain.apply(pv, x)),
+                               rtol=1e-4, atol=1e-4)
+    # a non-zero score: each position gated on its own, map in (0, 1), not summing to 1
+    v2 = jax.tree.map(lambda t: t, v)
+    v2["params"]["attention"]["score"]["bias"] = jnp.asarray([1.5])
+    a2 = np.asarray(attention_maps(sig, v2, x))
+    np.testing.assert_allclose(a2, 1 / (1 + np.exp(-1.5)), rtol=1e-6)
+    with pytest.raises(ValueError, match="attention_gate must be one of"):
+        models.get_model("r_tiny", 32, attention=True, attention_gate="relu")
 
 
 # --------------------------------------------------------------- degradations

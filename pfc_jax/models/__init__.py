@@ -32,7 +32,7 @@ ATTENTION_NAMES = tuple(n for n in ALL_NAMES if n.startswith("r") or n == "mbf")
 
 def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
               dropout: float = 0.0, conv_impl: str = "auto",
-              attention: bool = False) -> nn.Module:
+              attention: bool = False, attention_gate: str = "softmax") -> nn.Module:
     """Build backbone ``name`` (one of ``NAMES``).
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``dropout`` is the
@@ -42,7 +42,8 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
     (``models.grouped_conv``: ``auto`` = tap by tap on the CPU, XLA's grouped
     convolution elsewhere; the same parameters and outputs either way).
     ``attention``: perceptibility attention on the last feature map
-    (``models.attention``; IResNets and MobileFaceNet).
+    (``models.attention``; IResNets and MobileFaceNet); ``attention_gate``: its
+    form, ``softmax`` over positions or ``sigmoid`` per position.
     """
     grouped_conv.resolve(conv_impl)  # validates
     if name not in ALL_NAMES:
@@ -54,28 +55,34 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
     if attention and name not in ATTENTION_NAMES:
         raise ValueError(f"backbone {name!r} has no perceptibility attention; it is built "
                          f"for {', '.join(ATTENTION_NAMES)}")
+    from pfc_jax.models.attention import GATES
+    if attention_gate not in GATES:
+        raise ValueError(f"attention_gate must be one of {GATES}, got {attention_gate!r}")
     if name in VIT_CONFIGS:  # dropout is the ViT's drop rate
         return VisionTransformer(config=VIT_CONFIGS[name], embedding_dim=embedding_dim,
                                  drop_rate=dropout, dtype=dtype, arch=name)
     if name in TINY_NAMES:
-        return tiny(name, embedding_dim, dtype, dropout, attention)
+        return tiny(name, embedding_dim, dtype, dropout, attention, attention_gate)
     if name in STAGE_LAYERS:
         return IResNet(layers=STAGE_LAYERS[name], embedding_dim=embedding_dim,
-                       dropout=dropout, dtype=dtype, arch=name, attention=attention)
+                       dropout=dropout, dtype=dtype, arch=name, attention=attention,
+                       attention_gate=attention_gate)
     if dropout != 0.0:
         raise ValueError(f"backbone 'mbf' has no dropout layer; got dropout={dropout}")
-    return mobilefacenet(embedding_dim, dtype, conv_impl, attention)
+    return mobilefacenet(embedding_dim, dtype, conv_impl, attention, attention_gate)
 
 
 def from_config(model_config) -> nn.Module:
     """The backbone a config's ``model`` block names (``name``, ``embedding_dim``,
-    ``dtype``, ``dropout``, ``conv_impl``, ``attention``; the last four may be absent)."""
+    ``dtype``, ``dropout``, ``conv_impl``, ``attention``, ``attention_gate``; the last five
+    may be absent)."""
     get = model_config.get  # a ConfigDict or a dict
     return get_model(get("name"), embedding_dim=int(get("embedding_dim")),
                      dtype=jnp.dtype(get("dtype") or "float32"),
                      dropout=float(get("dropout") or 0.0),
                      conv_impl=get("conv_impl") or "auto",
-                     attention=bool(get("attention") or False))
+                     attention=bool(get("attention") or False),
+                     attention_gate=get("attention_gate") or "softmax")
 
 
 INPUT_SHAPE = (112, 112, 3)

@@ -127,6 +127,7 @@ class IResNet(nn.Module):
     dtype: Dtype = jnp.float32
     arch: str = "iresnet"
     attention: bool = False  # perceptibility attention on the last feature map
+    attention_gate: str = "softmax"  # softmax over positions | sigmoid per position
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -145,7 +146,7 @@ class IResNet(nn.Module):
         x = batch_norm(train, self.dtype, "bn2")(x)
         if self.attention:
             from pfc_jax.models.attention import PerceptibilityAttention
-            x = PerceptibilityAttention(name="attention")(x)
+            x = PerceptibilityAttention(self.attention_gate, name="attention")(x)
         x = x.reshape(x.shape[0], -1).astype(jnp.float32)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         fan_in = x.shape[-1]

@@ -96,6 +96,7 @@ class MobileFaceNet(nn.Module):
     dtype: Dtype = jnp.float32
     conv_impl: str = "auto"  # depthwise / grouped convs: conv, shifted, or auto (by backend)
     attention: bool = False  # perceptibility attention on the 7x7 map before the GDC head
+    attention_gate: str = "softmax"  # softmax over positions | sigmoid per position
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -125,7 +126,7 @@ class MobileFaceNet(nn.Module):
         x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train)
         if self.attention:
             from pfc_jax.models.attention import PerceptibilityAttention
-            x = PerceptibilityAttention(name="attention")(x)
+            x = PerceptibilityAttention(self.attention_gate, name="attention")(x)
         # GDC head: 7x7 depthwise linear conv collapses the 7x7 map to 1x1.
         x = ConvBlock(512, kernel=7, groups=512, activation=False, dtype=jnp.float32,
                       conv_impl=impl, name="gdc_dw")(x, train)
@@ -137,7 +138,8 @@ class MobileFaceNet(nn.Module):
 
 
 def mobilefacenet(embedding_dim: int = 512, dtype: Dtype = jnp.float32,
-                  conv_impl: str = "auto", attention: bool = False) -> MobileFaceNet:
+                  conv_impl: str = "auto", attention: bool = False,
+                  attention_gate: str = "softmax") -> MobileFaceNet:
     """The reference recipe's "mbf": blocks (1, 4, 6, 2), scale 2."""
     return MobileFaceNet(embedding_dim=embedding_dim, dtype=dtype, conv_impl=conv_impl,
-                         attention=attention)
+                         attention=attention, attention_gate=attention_gate)
