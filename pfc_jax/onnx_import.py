@@ -30,7 +30,8 @@ bias). So the import goes by the graph, not by names:
    pair's convolution output are measured on calibration images (a ``.bin``
    set with ``--calibrate``, else synthetic faces) and written into the BN
    as mean and variance, with scale ``sqrt(var + eps)`` and bias ``mean +
-   folded bias``: inference is unchanged (the algebra is exact), and a
+   folded bias`` (every folded pair of IResNet and MobileFaceNet; a folded BN
+   without a scale would keep the pass-through form): inference is unchanged (the algebra is exact), and a
    fine-tune (``--config.init_from``) starts with training-mode outputs
    close to the inference ones on such images.
 5. With onnxruntime installed, the file and the import are run on the
@@ -88,8 +89,9 @@ def _attr(node, name, default=None):
     return default
 
 
-def read_events(path: str) -> tuple[list[Event], str]:
-    """The parametrised nodes of an ONNX file in graph order, and its input's name."""
+def read_events(path: str) -> tuple[list[Event], str, bool]:
+    """The parametrised nodes of an ONNX file in graph order, its input's name, and
+    whether the graph normalises its own input (then fed raw pixels)."""
     import onnx
     try:
         model = onnx.load(path)
@@ -141,6 +143,10 @@ def read_events(path: str) -> tuple[list[Event], str]:
                 and events[-1] is pending_matmul:
             pending_matmul.bias = const(node.input[1], node).reshape(-1)
             pending_matmul = None
+        elif op in ("Sub", "Mul", "Div", "Add") and seen_conv and any(
+                n in consts for n in node.input):
+            raise ValueError(f"{path}: node {where} ({op} with a constant) between the layers "
+                             "is not part of an IResNet or MobileFaceNet as pfc_jax reads them")
         elif op in ("Sub", "Mul", "Div", "Add") and not seen_conv and any(
                 n in consts for n in node.input):
             c = float(np.asarray(const(next(n for n in node.input if n in consts), node)).mean())
@@ -155,7 +161,7 @@ def read_events(path: str) -> tuple[list[Event], str]:
     if norm != [1.0, 0.0] and not np.allclose(norm, [1 / 127.5, -1.0], rtol=1e-4):
         raise ValueError(f"{path}: the graph maps its input x to {norm[0]:.6g} x + "
                          f"{norm[1]:.6g}; pfc_jax models take (x - 127.5) / 127.5")
-    return events, inputs[0]
+    return events, inputs[0], norm != [1.0, 0.0]
 
 
 def network_of(events: list[Event]) -> tuple[str, int]:
@@ -341,12 +347,14 @@ def calibration_images(bin_path: str | None, n: int = 32) -> np.ndarray:
         from pfc_jax.evaluate import verification
         return verification.load_bin(bin_path).images[:n]
     from pfc_jax.data.synthetic import SyntheticFaces
-    faces = SyntheticFaces(n // 2, 2, seed=0)
+    faces = SyntheticFaces((n + 1) // 2, 2, seed=0)
     return np.stack([faces[i]["image"] for i in range(n)])
 
 
-def onnx_difference(path: str, input_name: str, model, variables, images) -> float:
-    """Largest |a - b| of L2-normalised embeddings: ONNX Runtime against pfc_jax."""
+def onnx_difference(path: str, input_name: str, model, variables, images,
+                    raw_input: bool = False) -> float:
+    """Largest |a - b| of L2-normalised embeddings: ONNX Runtime (fed normalised
+    images, or uint8 values as float32 with ``raw_input``) against pfc_jax."""
     import jax
     import onnxruntime as ort
 
@@ -354,7 +362,8 @@ def onnx_difference(path: str, input_name: str, model, variables, images) -> flo
     from pfc_jax.evaluate import verification
     x = np.asarray(normalize(images), np.float32)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    want = sess.run(None, {input_name: np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0]
+    feed = np.asarray(images, np.float32) if raw_input else x
+    want = sess.run(None, {input_name: np.ascontiguousarray(feed.transpose(0, 3, 1, 2))})[0]
     got = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     return float(np.abs(verification.l2_normalize(np.asarray(got, np.float64))
                         - verification.l2_normalize(np.asarray(want, np.float64))).max())
@@ -364,7 +373,7 @@ def from_onnx(path: str, network: str | None = None, calibrate_bin: str | None =
               verify: bool = True, calibrate_count: int = 32):
     """(model, variables, name, dim, measured difference or None) of an ONNX file."""
     from pfc_jax import models
-    events, input_name = read_events(path)
+    events, input_name, self_normalising = read_events(path)
     name, dim = network_of(events)
     if network is not None and network != name:
         raise ValueError(f"{path} is {name}, not {network}")
@@ -381,7 +390,8 @@ def from_onnx(path: str, network: str | None = None, calibrate_bin: str | None =
         except ImportError:
             verify = False
     if verify:
-        diff = onnx_difference(path, input_name, model, variables, images[:8])
+        diff = onnx_difference(path, input_name, model, variables, images[:8],
+                               raw_input=self_normalising)
         if diff > VERIFY_TOL:
             raise ValueError(f"{path}: imported as {name}, but its embeddings differ from "
                              f"ONNX Runtime's by {diff:.2e} (> {VERIFY_TOL:g}); the graph is "

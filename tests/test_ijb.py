@@ -21,6 +21,7 @@ from pfc_jax.evaluate import __main__ as eval_cli
 from pfc_jax.evaluate import identification, ijb, ijb_release
 
 FARS = ijb.IJB_FARS
+MORE_FPIRS = (0.2, 0.4, 0.6)  # with 6 non-mated probes: 1, 2, 3 false alarms allowed
 SUBJECTS = 6
 TEMPLATES_PER_SUBJECT = 3
 
@@ -159,8 +160,8 @@ def _protocol_reference(img_feats, release):
         ranks, hits, nonmated_top = map(np.array, (ranks, hits, nonmated_top))
         ident[g] = dict(rank={k: float(np.mean(ranks <= k)) for k in identification.RANKS},
                         tpir={f: _tar_brute(hits, nonmated_top, f)
-                              for f in identification.FPIRS})
-    return tar, ident
+                              for f in identification.FPIRS + MORE_FPIRS})
+    return tar, ident, tf
 
 
 # ----------------------------------------------------------------------- tests
@@ -193,7 +194,7 @@ def test_image_embeddings_equal_a_direct_forward(release, model_dir, cli_run):
 
 def test_one_to_one_and_one_to_n_equal_a_brute_force_reading(release, cli_run):
     feats = np.load(next((cli_run["out"] / "cache").glob("ijbc_*.npy")))
-    tar, ident = _protocol_reference(feats, release)
+    tar, ident, tf = _protocol_reference(feats, release)
     res = cli_run["res"]
     for far in FARS:
         assert res["tar_at_far"][str(far)] == pytest.approx(tar[far], abs=1e-12), far
@@ -209,6 +210,20 @@ def test_one_to_one_and_one_to_n_equal_a_brute_force_reading(release, cli_run):
     mean = res["identification"]["mean"]
     assert mean["rank"]["1"] == pytest.approx((ident["G1"]["rank"][1]
                                                + ident["G2"]["rank"][1]) / 2)
+    for f in identification.FPIRS:
+        assert mean["tpir_at_fpir"][str(f)] == pytest.approx(
+            (ident["G1"]["tpir"][f] + ident["G2"]["tpir"][f]) / 2)
+    # thresholds between the extremes, from the reference's own template features
+    subj = dict(release["info"])
+    probes = [t for t, s in release["info"] if release["first"][s] != t]
+    for g, subs in (("G1", range(0, 3)), ("G2", range(3, 6))):
+        gal = [release["first"][s] for s in subs]
+        r = identification.identify(np.stack([tf[t] for t in probes]),
+                                    np.array([subj[t] for t in probes]),
+                                    np.stack([tf[t] for t in gal]), np.array(list(subs)),
+                                    fpirs=MORE_FPIRS)
+        for f in MORE_FPIRS:
+            assert r.tpir_at_fpir[f] == pytest.approx(ident[g]["tpir"][f]), (g, f)
     both = res["identification"]["G1+G2"]
     assert both["num_mated"] == 12 and both["num_nonmated"] == 0
     assert both["tpir_at_fpir"] == {}
@@ -263,24 +278,43 @@ def test_the_cache_is_read_again_resumed_after_a_crash_and_keyed_by_the_model(
     _, _, done = ijb_release.embed_images(fn, meta, rel, batch_size=8, chunk=8,
                                           model_key="b", cache_dir=str(tmp_path))
     assert done == n  # another model: another cache entry
+    # a sidecar that does not describe its file (a count past the end, a wrong width)
+    # is not trusted: everything is embedded again, and equal
+    side = next(p for p in tmp_path.glob("ijbc_*.json")
+                if json.loads(p.read_text())["key"] == ijb_release.cache_key("a", meta, True))
+    for bad in (dict(done=n + 5), dict(dim=3)):
+        side.write_text(json.dumps({**json.loads(side.read_text()), **bad}))
+        redo, _, done = ijb_release.embed_images(fn, meta, rel, batch_size=8, chunk=8,
+                                                 model_key="a", cache_dir=str(tmp_path))
+        assert done == n
+        np.testing.assert_array_equal(redo, fresh)
 
 
 def test_identification_measures_hand_computed():
     # Gallery: subjects 1, 2 (unit vectors at 0 and 90 degrees). Probes (angle, subject):
     g = np.array([[1.0, 0.0], [0.0, 1.0]])
-    ang = np.deg2rad([10, 60, 100, 30, 45])
+    ang = np.deg2rad([10, 60, 100, 55, 30, 45])
     p = np.stack([np.cos(ang), np.sin(ang)], axis=1)
-    subj = np.array([1, 1, 2, 7, 8])  # 7 and 8 are not enrolled
+    subj = np.array([1, 1, 2, 2, 7, 8])  # 7 and 8 are not enrolled
     s = identification.search(p, subj, g, np.array([1, 2]))
-    np.testing.assert_array_equal(s.mate_rank, [1, 2, 1, 0, 0])
-    np.testing.assert_allclose(s.mate_score[:3], np.cos(np.deg2rad([10, 60, 10])))
-    np.testing.assert_allclose(s.top_score, np.cos(np.deg2rad([10, 30, 10, 30, 45])))
+    np.testing.assert_array_equal(s.mate_rank, [1, 2, 1, 1, 0, 0])
+    np.testing.assert_allclose(s.mate_score[:4], np.cos(np.deg2rad([10, 60, 10, 35])))
+    np.testing.assert_allclose(s.top_score, np.cos(np.deg2rad([10, 30, 10, 35, 30, 45])))
     r = identification.evaluate(s, fpirs=(0.0, 0.5, 1.0), ranks=(1, 2))
-    assert r.rank == {1: pytest.approx(2 / 3), 2: 1.0}
-    # FPIR 0: the threshold is the highest non-mated top score cos 30 = 0.866, and both
-    # rank-1 mates (cos 10) pass it; the rank-2 mate never counts.
-    assert r.tpir_at_fpir[0.0] == pytest.approx(2 / 3)
-    assert r.tpir_at_fpir[1.0] == pytest.approx(2 / 3)
+    assert r.rank == {1: pytest.approx(3 / 4), 2: 1.0}
+    # FPIR 0: the threshold is the highest non-mated top score, cos 30 = 0.866: the two
+    # cos 10 mates pass it, the cos 35 = 0.819 one does not, the rank-2 mate never counts.
+    assert r.tpir_at_fpir[0.0] == pytest.approx(2 / 4)
+    # FPIR 0.5: one of the two non-mated may alarm: threshold cos 45 = 0.707, and the
+    # cos 35 mate passes it too. FPIR 1: everything accepted, still not the rank-2 mate.
+    assert r.tpir_at_fpir[0.5] == pytest.approx(3 / 4)
+    assert r.tpir_at_fpir[1.0] == pytest.approx(3 / 4)
+    # a mate scoring exactly the threshold is not a hit (accept means score > t)
+    same = np.array([[np.cos(0.3), np.sin(0.3)]] * 2)
+    tie = identification.search(same, np.array([1, 7]), g, np.array([1, 2]))
+    assert identification.evaluate(tie, fpirs=(0.0,)).tpir_at_fpir[0.0] == 0.0
+    with pytest.raises(ValueError, match="1 probe features are not finite"):
+        identification.search(np.array([[np.nan, 0.0]]), np.array([1]), g, np.array([1, 2]))
     # a mate below the threshold: probe at 40 degrees of subject 1 with non-mated at 30
     s2 = identification.search(np.array([[np.cos(0.7), np.sin(0.7)], p[3]]),
                                np.array([1, 7]), g, np.array([1, 2]))
@@ -306,12 +340,33 @@ def test_bad_releases_are_named(release, model_dir, tmp_path):
     bad.write_text("TEMPLATE_ID,SUBJECT_ID\n1,x\n")
     with pytest.raises(ValueError, match=r"line 2: template and subject ids must be integers"):
         identification.read_template_subjects(bad)
-    # a missing image names the meta file, its record and the path
+    bad.write_text("\ufeffTEMPLATE_ID,SUBJECT_ID\n\n")  # a BOM, a header, nothing
+    with pytest.raises(ValueError, match="no records"):
+        identification.read_template_subjects(bad)
+    bad.write_text("\ufeff3,4\n")  # a BOM and no header: the record is kept
+    np.testing.assert_array_equal(identification.read_template_subjects(bad)[0], [3])
+    # a 1:N template without images; a release with only some of the 1:N files
     import shutil
+    feats = np.ones((len(release["info"]), 4))
+    tids = np.array([t for t, _ in release["info"]])
+    part = tmp_path / "part"
+    shutil.copytree(release["dir"], part)
+    (part / "meta" / "ijbc_1N_probe_mixed.csv").write_text("TEMPLATE_ID,SUBJECT_ID\n9999,1\n")
+    rel = ijb_release.find_release(str(part), "IJBC")
+    with pytest.raises(ValueError, match=r"probe_mixed\.csv: template 9999 has no image in "
+                                         r".*ijbc_face_tid_mid\.txt"):
+        ijb_release.identification_protocol(rel, tids, feats)
+    (part / "meta" / "ijbc_1N_gallery_G2.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"gallery_G2\.csv missing"):
+        ijb_release.identification_protocol(rel, tids, feats)
+    # a model's fingerprint covers its definition as well as its weights
+    model, variables = export.load_backbone(model_dir)
+    assert ijb_release.model_fingerprint(variables, model) != ijb_release.model_fingerprint(
+        variables, model.clone(dtype=jnp.bfloat16))
+    # a missing image names the meta file, its record and the path
     copy = tmp_path / "IJBC"
     shutil.copytree(release["dir"], copy)
     (copy / "loose_crop" / "3.png").unlink()
-    model, variables = export.load_backbone(model_dir)
     rel = ijb_release.find_release(str(copy), "IJBC")
     meta = ijb.load_ijb_meta(rel.meta_dir, "IJBC")
     with pytest.raises(ValueError, match=r"ijbc_name_5pts_score\.txt, record 4: cannot read "

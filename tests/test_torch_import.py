@@ -365,7 +365,7 @@ def test_a_model_zoo_onnx_iresnet_imports_and_embeds_the_same(torch_r18, tmp_pat
     np.testing.assert_allclose(v["batch_stats"]["bn1"]["mean"], y.mean(0), rtol=1e-4,
                                atol=1e-5 * np.abs(y).max())
     np.testing.assert_allclose(v["batch_stats"]["bn1"]["var"], y.var(0), rtol=1e-3)
-    events, _ = onnx_import.read_events(str(tmp_path / "r18.onnx"))
+    events, _, _ = onnx_import.read_events(str(tmp_path / "r18.onnx"))
     plain, _ = onnx_import.fill(model, events)
 
     @jax.jit
@@ -421,8 +421,21 @@ def test_a_model_zoo_onnx_mobilefacenet_imports_and_embeds_the_same(tmp_path):
     assert "BatchNormalization" in ops  # the GDC's BatchNorm1d after the linear layer
     model, v, name, dim, diff = onnx_import.from_onnx(str(tmp_path / "mbf.onnx"))
     assert (name, dim) == ("mbf", 512) and diff < 1e-4
-    got = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
-    np.testing.assert_allclose(_unit(got), _unit(want.numpy()), rtol=0, atol=TOL)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    np.testing.assert_allclose(_unit(fwd(v, x)), _unit(want.numpy()), rtol=0, atol=TOL)
+
+    class SelfNormalising(nn.Module):  # a file that takes raw pixels: (x - 127.5) / 127.5
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner((x - 127.5) / 127.5)
+
+    _zoo_onnx(SelfNormalising(net), tmp_path / "raw.onnx", x)
+    model2, v2, _, _, diff2 = onnx_import.from_onnx(str(tmp_path / "raw.onnx"))
+    assert diff2 < 1e-4  # ONNX Runtime fed raw pixels, pfc_jax normalised ones
+    np.testing.assert_allclose(_unit(fwd(v2, x)), _unit(want.numpy()), rtol=0, atol=TOL)
 
 
 def test_onnx_graphs_pfc_jax_cannot_read_are_named(tmp_path):

@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
         cache = args.ijb_cache or ijb_release.default_cache_dir()
         r = ijb_release.run(embed_fn, release, batch_size=args.batch_size,
                             flip=not args.no_flip,
-                            model_key=ijb_release.model_fingerprint(variables),
+                            model_key=ijb_release.model_fingerprint(variables, model),
                             cache_dir=None if cache.lower() == "none" else cache,
                             rule=args.ijb_rule, workers=args.ijb_workers)
         print(f"{release.target}: {r.embedded} images embedded"

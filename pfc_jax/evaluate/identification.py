@@ -83,6 +83,11 @@ def search(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats: n
                          f"{gs.shape[0]} gallery subjects for {g.shape[0]} templates")
     if g.shape[0] == 0 or p.shape[0] == 0:
         raise ValueError("identification needs at least one probe and one gallery template")
+    for name, a in (("probe", p), ("gallery", g)):
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{bad.size} {name} features are not finite (first: row "
+                             f"{bad[0]})")
     mate_score = np.full(p.shape[0], np.nan)
     mate_rank = np.zeros(p.shape[0], np.int64)
     top = np.empty(p.shape[0])
@@ -131,13 +136,16 @@ def read_template_subjects(path: str | os.PathLike) -> tuple[np.ndarray, np.ndar
     """
     path = os.fspath(path)
     subject_of: dict[int, tuple[int, int]] = {}
-    with open(path, encoding="utf-8") as f:
+    first = True
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of a field
         for lineno, line in enumerate(f, start=1):
             fields = [x.strip() for x in line.split(",")]
             if not line.strip():
                 continue
-            if lineno == 1 and not fields[0].lstrip("-").isdigit():
-                continue  # the header
+            if first and not fields[0].lstrip("-").isdigit():
+                first = False
+                continue  # the header: the first non-blank line, when it is not a record
+            first = False
             if len(fields) < 2:
                 raise ValueError(f"{path}, line {lineno}: expected TEMPLATE_ID,SUBJECT_ID,..., "
                                  f"got {line.strip()!r}")

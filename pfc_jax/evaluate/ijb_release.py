@@ -97,10 +97,13 @@ def load_aligned(image_dir: str, name: str, landmarks: np.ndarray, where: str) -
         raise ValueError(f"{where}: {path}: {e}") from None
 
 
-def model_fingerprint(variables) -> str:
-    """sha256 of every leaf's path, dtype, shape and bytes."""
+def model_fingerprint(variables, model=None) -> str:
+    """sha256 of the model's definition (its repr: network, dtype, attention...) and of
+    every leaf's path, dtype, shape and bytes."""
     import jax
     h = hashlib.sha256()
+    if model is not None:
+        h.update(repr(model).encode())
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         a = np.asarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
@@ -124,43 +127,57 @@ def default_cache_dir() -> str:
 class _Cache:
     """``[n, D]`` float32 embeddings in ``NAME.npy`` (a memory map) with ``NAME.json``
     saying whose they are and how many rows are done; rows are flushed before the
-    count moves, so a killed run never counts a row it did not write."""
+    count moves, so a killed run never counts a row it did not write. A process
+    holds ``NAME.lock`` (an exclusive ``flock``) while it reads or writes the entry,
+    so two evaluations of one model wait for each other instead of mixing rows."""
 
     def __init__(self, cache_dir: str | None, target: str, key: str, n: int):
         self.n, self.key, self.done, self.array = n, key, 0, None
-        self.path = None
+        self.path, self._lock = None, None
         if cache_dir is None:
             return
         os.makedirs(cache_dir, exist_ok=True)
         stem = os.path.join(cache_dir, f"{target.lower()}_{key[:16]}")
         self.path, self._side = stem + ".npy", stem + ".json"
+        import fcntl
+        self._lock = open(stem + ".lock", "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
             with open(self._side) as f:
                 side = json.load(f)
-            if side.get("key") == key and side.get("images") == n:
-                self.array = np.load(self.path, mmap_mode="r+")
-                if self.array.shape[0] != n:
+            done = int(side["done"])
+            if side.get("key") == key and side.get("images") == n and 0 <= done <= n:
+                array = np.load(self.path, mmap_mode="r" if done == n else "r+")
+                if array.shape != (n, int(side["dim"])) or array.dtype != np.float32:
                     raise ValueError("shape")
-                self.done = int(side["done"])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                self.array, self.done = array, done
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             self.array, self.done = None, 0
+
+    def _write_side(self, done: int, dim: int) -> None:
+        tmp = self._side + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(key=self.key, images=self.n, dim=dim, done=done), f)
+        os.replace(tmp, self._side)
 
     def write(self, start: int, feats: np.ndarray) -> None:
         if self.array is None:
             if self.path is None:
                 self.array = np.zeros((self.n, feats.shape[1]), np.float32)
             else:
+                self._write_side(0, int(feats.shape[1]))  # no stale count over a new file
                 self.array = np.lib.format.open_memmap(self.path, "w+", np.float32,
                                                        (self.n, feats.shape[1]))
         self.array[start:start + feats.shape[0]] = feats
         self.done = start + feats.shape[0]
         if self.path is not None:
             self.array.flush()
-            tmp = self._side + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(dict(key=self.key, images=self.n, dim=int(feats.shape[1]),
-                               done=self.done), f)
-            os.replace(tmp, self._side)
+            self._write_side(self.done, int(feats.shape[1]))
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
 
 def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], meta: ijb.IJBMeta,
@@ -173,7 +190,6 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], meta: ijb.IJBMeta
     Returns ``(feats, cache file or None, images embedded in this call)``.
     """
     from pfc_jax import logs
-    from pfc_jax.evaluate import verification
     n = meta.image_names.shape[0]
     cache = _Cache(cache_dir, meta.target, cache_key(model_key, meta, flip), n)
     start0 = cache.done
@@ -184,6 +200,16 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], meta: ijb.IJBMeta
                             f"{names_file}, record {i + 1}")
 
     bar = logs.Progress(f"{meta.target}: embedding images", n, progress)
+    try:
+        return _embed_chunks(embed_fn, cache, load, n, start0, chunk, batch_size, flip,
+                             workers, bar, meta.target)
+    finally:
+        cache.close()
+
+
+def _embed_chunks(embed_fn, cache, load, n, start0, chunk, batch_size, flip, workers, bar,
+                  target):
+    from pfc_jax.evaluate import verification
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         def submit(s):
             return [pool.submit(load, i) for i in range(s, min(s + chunk, n))]
@@ -197,16 +223,17 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], meta: ijb.IJBMeta
             cache.write(s, feats.astype(np.float32))
             bar.update(s + images.shape[0])
     if cache.array is None:
-        raise ValueError(f"{meta.target}: no images to embed")
-    return np.asarray(cache.array), cache.path, n - start0
+        raise ValueError(f"{target}: no images to embed")
+    return np.array(cache.array), cache.path, n - start0
 
 
 def _template_rows(all_tids: np.ndarray, wanted: np.ndarray, path: str) -> np.ndarray:
     pos = np.clip(np.searchsorted(all_tids, wanted), 0, all_tids.shape[0] - 1)
     missing = np.flatnonzero(all_tids[pos] != wanted)
     if missing.size:
-        raise ValueError(f"{path}: template {wanted[missing[0]]} has no image in "
-                         "the face_tid_mid file")
+        tid_mid = os.path.join(os.path.dirname(path), os.path.basename(path).split("_1N_")[0]
+                               + "_face_tid_mid.txt")
+        raise ValueError(f"{path}: template {wanted[missing[0]]} has no image in {tid_mid}")
     return pos
 
 
@@ -216,8 +243,12 @@ def identification_protocol(release: Release, all_tids: np.ndarray, feats: np.nd
     prefix = os.path.join(release.meta_dir, release.target.lower() + "_1N_")
     names = GALLERIES[release.target]
     paths = [f"{prefix}gallery_{g}.csv" for g in names] + [f"{prefix}probe_mixed.csv"]
-    if not all(os.path.isfile(p) for p in paths):
-        return {}
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if len(missing) == len(paths):
+        return {}  # a 1:1-only release
+    if missing:
+        raise FileNotFoundError(f"{release.target} 1:N: {', '.join(missing)} missing (the "
+                                f"others are there)")
     sets = [identification.read_template_subjects(p) for p in paths]
     rows = [_template_rows(all_tids, t, p) for (t, _), p in zip(sets, paths)]
     probe_feats, probe_subjects = feats[rows[-1]], sets[-1][1]

@@ -342,6 +342,10 @@ def tar_at_fars_scores(pos_scores: np.ndarray, neg_scores: np.ndarray,
     """:func:`tar_at_far_scores` at each of ``fars``, sorting the scores once."""
     pos = np.sort(np.asarray(pos_scores, dtype=np.float64).ravel())
     neg = np.sort(np.asarray(neg_scores, dtype=np.float64).ravel())
+    for name, a in (("positive", pos), ("negative", neg)):
+        if a.size and np.isnan(a[-1]):  # sorting puts NaNs last
+            raise ValueError(f"{int(np.isnan(a).sum())} {name} scores are NaN (a NaN "
+                             "embedding?); TAR at FAR is undefined")
     out = []
     for far in fars:
         if not 0.0 <= far <= 1.0:
