@@ -202,25 +202,31 @@ class TorchMobileFaceNet(nn.Module):
         return self.features(self.conv_sep(x))
 
 
-def test_an_arcface_torch_mobilefacenet_imports_and_embeds_the_same(tmp_path):
-    torch.manual_seed(1)
-    net = TorchMobileFaceNet()
+def _faces_bn_and_embeddings(net, n):
+    """``n`` synthetic faces (normalised NHWC); ``net``'s BN statistics set from them
+    (one training-mode pass), its BN weights and biases moved off (1, 0); then its
+    eval-mode embeddings of them."""
     faces = SyntheticFaces(4, 2, seed=3)
-    x = np.asarray(normalize(jnp.asarray(np.stack([faces[i]["image"] for i in range(8)]))))
+    x = np.asarray(normalize(jnp.asarray(np.stack([faces[i]["image"] for i in range(n)]))))
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.momentum = None
     net.train()
     with torch.no_grad():
         net(xt)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
+        for m in bns:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
     net.eval()
     with torch.no_grad():
-        want = net(xt).numpy()
+        return x, net(xt).numpy()
+
+
+def test_an_arcface_torch_mobilefacenet_imports_and_embeds_the_same(tmp_path):
+    torch.manual_seed(1)
+    net = TorchMobileFaceNet()
+    x, want = _faces_bn_and_embeddings(net, 8)
     path = tmp_path / "mbf.pth"
     torch.save(net.state_dict(), path)
     out = torch_import.main(["--torch", str(path), "--out", str(tmp_path / "imp")])
@@ -285,22 +291,7 @@ def test_an_arcface_torch_vit_imports_and_embeds_the_same(tmp_path):
         if isinstance(m, nn.LayerNorm):  # off the identity, so the mapping of scale matters
             nn.init.uniform_(m.weight, 0.5, 1.5)
             nn.init.normal_(m.bias, 0, 0.1)
-    faces = SyntheticFaces(4, 2, seed=3)
-    x = np.asarray(normalize(jnp.asarray(np.stack([faces[i]["image"] for i in range(6)]))))
-    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    net.train()
-    with torch.no_grad():
-        net(xt)
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    net.eval()
-    with torch.no_grad():
-        want = net(xt).numpy()
+    x, want = _faces_bn_and_embeddings(net, 6)
     path = tmp_path / "vit.pth"
     torch.save(net.state_dict(), path)
     out = torch_import.main(["--torch", str(path), "--out", str(tmp_path / "imp")])
