@@ -19,7 +19,8 @@ and scores it on held-out pairs with ``pfc-eval``: verification accuracy at
 full resolution, at ``--sides`` px (both images degraded, bicubic), and the
 error-versus-discard area (FNMR at ``--fmr``, 0-50 % discarded) of the
 learned quality score, the embedding norm and a random score at each size.
-A row whose workdir holds its last checkpoint is scored, not retrained.
+A row whose workdir holds its last checkpoint is scored, not retrained; rows
+already in ``results.json`` from an earlier call are kept beside the new ones.
 Writes ``results.json`` and ``edc_<row>.png`` (the smallest side) in ``--out``.
 """
 
@@ -79,6 +80,10 @@ def main():
             verification.write_bin(pairs, *held.verification_pairs(1200, seed=2))
     sides = [int(s) for s in args.sides.split(",")]
     results = dict(args=vars(args), rows={})
+    old = os.path.join(args.out, "results.json")
+    if os.path.exists(old):  # rows scored by an earlier call (other --rows) are kept
+        with open(old) as f:
+            results["rows"].update(json.load(f).get("rows", {}))
     from pfc_jax import plots
     from pfc_jax.evaluate import quality
     from pfc_jax.evaluate.__main__ import main as eval_main
