@@ -277,6 +277,13 @@ def template_features(img_feats: np.ndarray, det_scores: np.ndarray | None,
     return uniq_t, l2_normalize(pooled)
 
 
+def lookup_sorted(sorted_ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``wanted`` in the sorted, unique ``sorted_ids``, and the indices of
+    ``wanted`` that are not there (their positions are meaningless)."""
+    pos = np.clip(np.searchsorted(sorted_ids, wanted), 0, sorted_ids.shape[0] - 1)
+    return pos, np.flatnonzero(sorted_ids[pos] != wanted)
+
+
 def verify_pairs(template_feats: np.ndarray, template_ids: np.ndarray,
                  p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
     """Cosine scores ``[P]`` of template pairs ``(p1[i], p2[i])``.
@@ -304,8 +311,7 @@ def verify_pairs(template_feats: np.ndarray, template_ids: np.ndarray,
         raise ValueError("template_ids are not unique")
 
     def rows(p: np.ndarray, name: str) -> np.ndarray:
-        pos = np.clip(np.searchsorted(sorted_ids, p), 0, sorted_ids.shape[0] - 1)
-        missing = np.flatnonzero(sorted_ids[pos] != p)
+        pos, missing = lookup_sorted(sorted_ids, p)
         if missing.size:
             i = int(missing[0])
             raise ValueError(f"{name}[{i}] = {p[i]} is not a template with a feature")
@@ -410,6 +416,13 @@ def evaluate_ijb(img_feats: np.ndarray, meta: IJBMeta, use_det_scores: bool = Tr
                          f"lists {meta.template_ids.shape[0]} images")
     tids, feats = template_features(img_feats, meta.det_scores if use_det_scores else None,
                                     meta.media_ids, meta.template_ids)
+    return score_template_pairs(tids, feats, meta, fars, rule)
+
+
+def score_template_pairs(tids: np.ndarray, feats: np.ndarray, meta: IJBMeta,
+                         fars: Sequence[float] = IJB_FARS, rule: str = "at_most") -> IJBResult:
+    """Scores every template pair of ``meta`` from pooled features
+    (:func:`template_features`' output) and reads TAR at FAR."""
     scores = verify_pairs(feats, tids, meta.pair_t1, meta.pair_t2)
     return IJBResult(tar_at_far=tar_at_far(scores, meta.pair_labels, fars, rule=rule),
                      scores=scores, num_templates=int(tids.shape[0]),

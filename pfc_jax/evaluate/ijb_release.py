@@ -190,6 +190,7 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], meta: ijb.IJBMeta
     Returns ``(feats, cache file or None, images embedded in this call)``.
     """
     from pfc_jax import logs
+    from pfc_jax.evaluate import verification
     n = meta.image_names.shape[0]
     cache = _Cache(cache_dir, meta.target, cache_key(model_key, meta, flip), n)
     start0 = cache.done
@@ -201,35 +202,27 @@ def embed_images(embed_fn: Callable[[np.ndarray], np.ndarray], meta: ijb.IJBMeta
 
     bar = logs.Progress(f"{meta.target}: embedding images", n, progress)
     try:
-        return _embed_chunks(embed_fn, cache, load, n, start0, chunk, batch_size, flip,
-                             workers, bar, meta.target)
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            def submit(s):
+                return [pool.submit(load, i) for i in range(s, min(s + chunk, n))]
+
+            pending = submit(start0) if start0 < n else []
+            for s in range(start0, n, chunk):
+                images = np.stack([f.result() for f in pending])
+                pending = submit(s + chunk) if s + chunk < n else []  # decode ahead
+                feats = verification.embed(embed_fn, images, batch_size, flip=flip,
+                                           normalize=False)
+                cache.write(s, feats.astype(np.float32))
+                bar.update(s + images.shape[0])
+        if cache.array is None:
+            raise ValueError(f"{meta.target}: no images to embed")
+        return np.array(cache.array), cache.path, n - start0
     finally:
-        cache.close()
-
-
-def _embed_chunks(embed_fn, cache, load, n, start0, chunk, batch_size, flip, workers, bar,
-                  target):
-    from pfc_jax.evaluate import verification
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        def submit(s):
-            return [pool.submit(load, i) for i in range(s, min(s + chunk, n))]
-
-        pending = submit(start0) if start0 < n else []
-        for s in range(start0, n, chunk):
-            images = np.stack([f.result() for f in pending])
-            pending = submit(s + chunk) if s + chunk < n else []  # decode ahead
-            feats = verification.embed(embed_fn, images, batch_size, flip=flip,
-                                       normalize=False)
-            cache.write(s, feats.astype(np.float32))
-            bar.update(s + images.shape[0])
-    if cache.array is None:
-        raise ValueError(f"{target}: no images to embed")
-    return np.array(cache.array), cache.path, n - start0
+        cache.close()  # the lock is held until the rows are copied out
 
 
 def _template_rows(all_tids: np.ndarray, wanted: np.ndarray, path: str) -> np.ndarray:
-    pos = np.clip(np.searchsorted(all_tids, wanted), 0, all_tids.shape[0] - 1)
-    missing = np.flatnonzero(all_tids[pos] != wanted)
+    pos, missing = ijb.lookup_sorted(all_tids, wanted)
     if missing.size:
         tid_mid = os.path.join(os.path.dirname(path), os.path.basename(path).split("_1N_")[0]
                                + "_face_tid_mid.txt")
@@ -278,11 +271,9 @@ def run(embed_fn, release: Release, *, batch_size: int = 64, flip: bool = True,
         model_key=model_key, cache_dir=cache_dir, workers=workers, progress=progress)
     tids, feats = ijb.template_features(img_feats, meta.det_scores if use_det_scores else None,
                                         meta.media_ids, meta.template_ids)
-    scores = ijb.verify_pairs(feats, tids, meta.pair_t1, meta.pair_t2)
+    one = ijb.score_template_pairs(tids, feats, meta, rule=rule)
     labels = meta.pair_labels.astype(bool)
-    one = ijb.IJBResult(tar_at_far=ijb.tar_at_far(scores, labels, rule=rule), scores=scores,
-                        num_templates=int(tids.shape[0]), num_pairs=int(scores.shape[0]))
-    roc = verification.roc_curve(scores[labels], scores[~labels])
+    roc = verification.roc_curve(one.scores[labels], one.scores[~labels])
     return IJBRun(one, identification_protocol(release, tids, feats), roc, cache_path, embedded)
 
 
