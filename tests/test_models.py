@@ -430,3 +430,24 @@ def test_mbf_shifted_and_conv_forms_give_the_same_model():
     # added over the grouped convs, each carried forward at O(1) gain.
     tol = len(grouped) * 49 * np.finfo(np.float32).eps * np.abs(eb).max()
     np.testing.assert_allclose(ea, eb, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (5, 3, 2)])
+def test_dense_conv_kernel_gradient_by_taps_equals_xla(k, s, p):
+    """grouped_conv.dense_conv: XLA's forward and input gradient, the kernel gradient
+    as one product per tap; float64, so any indexing error is far above rounding."""
+    from jax import lax
+    from pfc_jax.models.grouped_conv import dense_conv
+    rng = np.random.default_rng(k * 10 + s)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((2, 11, 10, 3)))
+        w = jnp.asarray(rng.standard_normal((k, k, 3, 4)))
+        pad = ((p, p), (p, p))
+        ref = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y0, v0 = jax.vjp(ref, x, w)
+        y1, v1 = jax.vjp(lambda x, w: dense_conv(x, w, s, pad), x, w)
+        g = jnp.asarray(rng.standard_normal(y0.shape))
+        np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+        for a, b in zip(v1(g), v0(g)):  # sums of <= 220 unit-scale products: 1e-12 is ~1e4 ulps
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)

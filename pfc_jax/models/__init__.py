@@ -38,9 +38,10 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``); ``dropout`` is the
     rate of the IResNet head dropout or the ViT drop rate.  MobileFaceNet has no
     dropout layer, so a non-zero rate for it is an error rather than ignored.
-    ``conv_impl`` is how MobileFaceNet computes its grouped convolutions
-    (``models.grouped_conv``: ``auto`` = tap by tap on the CPU, XLA's grouped
-    convolution elsewhere; the same parameters and outputs either way).
+    ``conv_impl`` is how the CNNs compute their convolutions
+    (``models.grouped_conv``: ``auto`` = the CPU's forms on the CPU, grouped
+    convolutions tap by tap and dense kernels' gradients by tap, XLA's
+    convolutions elsewhere; the same parameters and outputs either way).
     ``attention``: perceptibility attention on the last feature map
     (``models.attention``; IResNets and MobileFaceNet); ``attention_gate``: its
     form, ``softmax`` over positions or ``sigmoid`` per position.
@@ -62,11 +63,11 @@ def get_model(name: str, embedding_dim: int = 512, dtype: Any = jnp.float32,
         return VisionTransformer(config=VIT_CONFIGS[name], embedding_dim=embedding_dim,
                                  drop_rate=dropout, dtype=dtype, arch=name)
     if name in TINY_NAMES:
-        return tiny(name, embedding_dim, dtype, dropout, attention, attention_gate)
+        return tiny(name, embedding_dim, dtype, dropout, attention, attention_gate, conv_impl)
     if name in STAGE_LAYERS:
         return IResNet(layers=STAGE_LAYERS[name], embedding_dim=embedding_dim,
                        dropout=dropout, dtype=dtype, arch=name, attention=attention,
-                       attention_gate=attention_gate)
+                       attention_gate=attention_gate, conv_impl=conv_impl)
     if dropout != 0.0:
         raise ValueError(f"backbone 'mbf' has no dropout layer; got dropout={dropout}")
     return mobilefacenet(embedding_dim, dtype, conv_impl, attention, attention_gate)

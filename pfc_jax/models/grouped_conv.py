@@ -1,14 +1,27 @@
-"""Grouped and depthwise convolutions in a form XLA:CPU runs fast.
+"""Convolutions in a form XLA:CPU runs fast, with ``nn.Conv``'s parameter and output.
 
 XLA:CPU lowers a convolution with ``feature_group_count > 1`` (MobileFaceNet's
 depthwise 3x3 and its 7x7 GDC head) to a slow generic loop, and its gradients
-slower still. ``GroupedConv`` has exactly ``nn.Conv``'s parameter (``kernel``,
-HWIO, ``[kh, kw, in / groups, out]``) and output, and computes it either as
-``lax.conv_general_dilated`` (``impl="conv"``, what accelerators want) or as
-a sum over the ``kh * kw`` kernel taps of a strided slice of the padded input
-times that tap's weights (``impl="shifted"``): an element-wise multiply-add per
-tap for a depthwise kernel, a small per-group contraction otherwise. Its
-gradients are slices, pads and reductions, which XLA:CPU runs at memory speed.
+slower still; and it computes the *kernel* gradient of an ordinary convolution
+at a few GFLOP/s where the channels are few (5-8 GFLOP/s at 64-128 channels,
+against 70-110 for the same convolution's forward and input gradient).
+
+``GroupedConv`` has exactly ``nn.Conv``'s parameter (``kernel``, HWIO,
+``[kh, kw, in / groups, out]``) and output, and computes it as ``impl`` says:
+
+* ``"conv"``: ``lax.conv_general_dilated`` and XLA's own gradients (what
+  accelerators want);
+* ``"shifted"``, grouped: a sum over the ``kh * kw`` kernel taps of a strided
+  slice of the padded input times that tap's weights: an element-wise
+  multiply-add per tap for a depthwise kernel, a small per-group contraction
+  otherwise. Its gradients are slices, pads and reductions, which XLA:CPU
+  runs at memory speed;
+* ``"shifted"``, dense (one group): XLA's convolution forward and input
+  gradient, and the kernel gradient as ``kh * kw`` matrix products
+  (``tap_kernel_grad``): each tap's input is a contiguous slice of the
+  padded input flattened over (batch, row, column), on a grid that extends
+  the output by the kernel's reach, so no patch matrix is built.
+
 ``impl="auto"`` takes ``shifted`` when JAX's default backend is the CPU.
 The taps are summed in float32 (float64 inputs: float64) whatever the compute dtype.
 """
@@ -64,6 +77,70 @@ def shifted_conv(x: jax.Array, kernel: jax.Array, stride: int,
     return out.astype(x.dtype)
 
 
+def _conv(x, kernel, stride, padding):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def tap_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], stride: int,
+                    padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The kernel gradient ``[kh, kw, c, co]`` of a dense NHWC x HWIO convolution of
+    ``x`` (``[b, h, w, c]``) whose output has cotangent ``g`` (``[b, ho, wo, co]``).
+
+    Tap ``(i, j)`` reads the padded input at ``(s y + i, s x + j)``: in stride
+    phase ``(i % s, j % s)`` that is ``(y + i // s, x + j // s)``. On a grid of
+    ``(ho + (kh - 1) // s) x (wo + (kw - 1) // s)`` positions per image, with
+    the cotangent zero outside the output, the tap's operand is the phase
+    flattened over (image, row, column) and shifted by one offset: a
+    contiguous slice, and the tap's gradient one ``[n, c]^T [n, co]`` product.
+    """
+    b, _, _, c = x.shape
+    _, ho, wo, co = g.shape
+    kh, kw = kernel_hw
+    s = stride
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    hg, wg = ho + (kh - 1) // s, wo + (kw - 1) // s
+    n = b * hg * wg
+    tail = ((kh - 1) // s) * wg + (kw - 1) // s
+    gf = jnp.pad(g, ((0, 0), (0, hg - ho), (0, wg - wo), (0, 0))).reshape(n, co)
+    phases: dict[tuple[int, int], jax.Array] = {}
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            key = (i % s, j % s)
+            if key not in phases:
+                ph = xp[:, key[0]::s, key[1]::s][:, :hg, :wg]
+                ph = jnp.pad(ph, ((0, 0), (0, hg - ph.shape[1]), (0, wg - ph.shape[2]), (0, 0)))
+                phases[key] = jnp.pad(ph.reshape(n, c), ((0, tail), (0, 0)))
+            off = (i // s) * wg + j // s
+            taps.append(lax.dot_general(lax.slice_in_dim(phases[key], off, off + n), gf,
+                                        (((0,), (0,)), ((), ())), preferred_element_type=acc))
+    return jnp.stack(taps).reshape(kh, kw, c, co)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_conv(x: jax.Array, kernel: jax.Array, stride: int,
+               padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """A dense NHWC x HWIO convolution whose kernel gradient is ``tap_kernel_grad``."""
+    return _conv(x, kernel, stride, padding)
+
+
+def _dense_conv_fwd(x, kernel, stride, padding):
+    return _conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _dense_conv_bwd(stride, padding, res, g):
+    x, kernel = res
+    _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel, stride, padding), x)
+    (dx,) = input_vjp(g)
+    dk = tap_kernel_grad(x, g, kernel.shape[:2], stride, padding)
+    return dx, dk.astype(kernel.dtype)
+
+
+dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
+
+
 class GroupedConv(nn.Module):
     """``nn.Conv(features, kernel_size, strides, padding, feature_group_count, use_bias=False)``
     with the same parameter, computed as ``impl`` says (see the module docstring)."""
@@ -92,4 +169,10 @@ class GroupedConv(nn.Module):
             return lax.conv_general_dilated(
                 x, kernel, (self.strides, self.strides), self.padding,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+        if g == 1:
+            return dense_conv(x, kernel, self.strides, _static(self.padding))
         return shifted_conv(x, kernel, self.strides, self.padding, g)
+
+
+def _static(padding) -> tuple[tuple[int, int], tuple[int, int]]:
+    return tuple((int(lo), int(hi)) for lo, hi in padding)

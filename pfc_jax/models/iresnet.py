@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pfc_jax.models.grouped_conv import GroupedConv
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -83,31 +85,35 @@ def batch_norm(train: bool, dtype: Dtype, name: str | None = None, eps: float = 
                         use_scale=use_scale, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def conv(features: int, kernel: int, stride: int, pad: int, dtype: Dtype, impl: str,
+         name: str) -> GroupedConv:
+    """A bias-free ``kernel x kernel`` convolution with ``nn.Conv``'s parameter and the
+    reference's N(0, 0.1) initialisation, computed as ``impl`` says (``grouped_conv``)."""
+    return GroupedConv(features, (kernel, kernel), strides=stride, padding=((pad, pad),) * 2,
+                       kernel_init=nn.initializers.normal(0.1), dtype=dtype,
+                       param_dtype=jnp.float32, impl=impl, name=name)
+
+
 class IBasicBlock(nn.Module):
     """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus (projected) identity."""
 
     planes: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv_init = nn.initializers.normal(0.1)  # the reference's N(0, 0.1) for all convs
-        pad = ((1, 1), (1, 1))
-        out = batch_norm(train, self.dtype, "bn1")(x)
-        out = nn.Conv(self.planes, (3, 3), padding=pad, use_bias=False, kernel_init=conv_init,
-                      dtype=self.dtype, param_dtype=jnp.float32, name="conv1")(out)
-        out = batch_norm(train, self.dtype, "bn2")(out)
+        dt, impl = self.dtype, self.conv_impl
+        out = batch_norm(train, dt, "bn1")(x)
+        out = conv(self.planes, 3, 1, 1, dt, impl, "conv1")(out)
+        out = batch_norm(train, dt, "bn2")(out)
         out = PReLU(name="prelu")(out)
-        out = nn.Conv(self.planes, (3, 3), strides=self.stride, padding=pad, use_bias=False,
-                      kernel_init=conv_init, dtype=self.dtype, param_dtype=jnp.float32,
-                      name="conv2")(out)
+        out = conv(self.planes, 3, self.stride, 1, dt, impl, "conv2")(out)
         out = batch_norm(train, self.dtype, "bn3")(out)
         identity = x
         if self.stride != 1 or x.shape[-1] != self.planes:
-            identity = nn.Conv(self.planes, (1, 1), strides=self.stride, padding="VALID",
-                               use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                               param_dtype=jnp.float32, name="downsample_conv")(x)
+            identity = conv(self.planes, 1, self.stride, 0, dt, impl, "downsample_conv")(x)
             identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
         return out + identity
 
@@ -128,21 +134,19 @@ class IResNet(nn.Module):
     arch: str = "iresnet"
     attention: bool = False  # perceptibility attention on the last feature map
     attention_gate: str = "softmax"  # softmax over positions | sigmoid per position
+    conv_impl: str = "auto"  # grouped_conv.IMPLS: XLA's convolutions or the CPU's forms
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_images(x, self.arch)
         x = x.astype(self.dtype)
-        x = nn.Conv(self.widths[0], (3, 3), strides=self.stem_stride,
-                    padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=nn.initializers.normal(0.1), dtype=self.dtype,
-                    param_dtype=jnp.float32, name="conv1")(x)
+        x = conv(self.widths[0], 3, self.stem_stride, 1, self.dtype, self.conv_impl, "conv1")(x)
         x = batch_norm(train, self.dtype, "bn1")(x)
         x = PReLU(name="prelu")(x)
         for stage, (planes, blocks) in enumerate(zip(self.widths, self.layers)):
             for i in range(blocks):
                 x = IBasicBlock(planes, stride=2 if i == 0 else 1, dtype=self.dtype,
-                                name=f"layer{stage + 1}_{i}")(x, train)
+                                conv_impl=self.conv_impl, name=f"layer{stage + 1}_{i}")(x, train)
         x = batch_norm(train, self.dtype, "bn2")(x)
         if self.attention:
             from pfc_jax.models.attention import PerceptibilityAttention

@@ -42,20 +42,16 @@ class ConvBlock(nn.Module):
     groups: int = 1
     activation: bool = True
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"  # grouped convs: grouped_conv.IMPLS
+    conv_impl: str = "auto"  # grouped_conv.IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         p = self.padding
-        if self.groups == 1:
-            x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                        padding=((p, p), (p, p)), use_bias=False, kernel_init=_KAIMING,
-                        dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
-        else:  # the same parameter as nn.Conv's, in a form each backend runs fast
-            x = GroupedConv(self.features, (self.kernel, self.kernel), strides=self.stride,
-                            padding=((p, p), (p, p)), feature_group_count=self.groups,
-                            kernel_init=_KAIMING, dtype=self.dtype, param_dtype=jnp.float32,
-                            impl=self.conv_impl, name="conv")(x)
+        # the same parameter as nn.Conv's, in a form each backend runs fast
+        x = GroupedConv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                        padding=((p, p), (p, p)), feature_group_count=self.groups,
+                        kernel_init=_KAIMING, dtype=self.dtype, param_dtype=jnp.float32,
+                        impl=self.conv_impl, name="conv")(x)
         x = batch_norm(train, self.dtype, "bn")(x)
         if self.activation:
             x = PReLU(name="prelu")(x)
@@ -74,11 +70,12 @@ class DepthWise(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = ConvBlock(self.groups, dtype=self.dtype, name="expand")(x, train)
+        out = ConvBlock(self.groups, dtype=self.dtype, conv_impl=self.conv_impl,
+                        name="expand")(x, train)
         out = ConvBlock(self.groups, kernel=3, stride=self.stride, padding=1, groups=self.groups,
                         dtype=self.dtype, conv_impl=self.conv_impl, name="depthwise")(out, train)
         out = ConvBlock(self.features, activation=False, dtype=self.dtype,
-                        name="project")(out, train)
+                        conv_impl=self.conv_impl, name="project")(out, train)
         if self.residual:
             if out.shape != x.shape:
                 raise ValueError(f"residual DepthWise needs equal shapes, got {x.shape} "
@@ -94,7 +91,7 @@ class MobileFaceNet(nn.Module):
     blocks: tuple[int, int, int, int] = (1, 4, 6, 2)
     scale: int = 2
     dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"  # depthwise / grouped convs: conv, shifted, or auto (by backend)
+    conv_impl: str = "auto"  # conv, shifted, or auto (by backend): grouped_conv
     attention: bool = False  # perceptibility attention on the 7x7 map before the GDC head
     attention_gate: str = "softmax"  # softmax over positions | sigmoid per position
 
@@ -104,7 +101,8 @@ class MobileFaceNet(nn.Module):
         c1, c2 = 64 * self.scale, 128 * self.scale
         dt, impl = self.dtype, self.conv_impl
         x = x.astype(dt)
-        x = ConvBlock(c1, kernel=3, stride=2, padding=1, dtype=dt, name="stem")(x, train)
+        x = ConvBlock(c1, kernel=3, stride=2, padding=1, dtype=dt, conv_impl=impl,
+                      name="stem")(x, train)
         if self.blocks[0] == 1:
             x = ConvBlock(c1, kernel=3, padding=1, groups=64, dtype=dt, conv_impl=impl,
                           name="stem_dw")(x, train)
@@ -123,7 +121,7 @@ class MobileFaceNet(nn.Module):
                 x = DepthWise(out_c, groups=res_groups, stride=1, residual=True, dtype=dt,
                               conv_impl=impl, name=f"res{s}_{i}")(x, train)
         x = x.astype(jnp.float32)
-        x = ConvBlock(512, dtype=jnp.float32, name="conv_sep")(x, train)
+        x = ConvBlock(512, dtype=jnp.float32, conv_impl=impl, name="conv_sep")(x, train)
         if self.attention:
             from pfc_jax.models.attention import PerceptibilityAttention
             x = PerceptibilityAttention(self.attention_gate, name="attention")(x)

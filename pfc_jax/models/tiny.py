@@ -39,11 +39,13 @@ class ConvNetTiny(nn.Module):
 
 
 def tiny(name: str, embedding_dim: int, dtype: Any, dropout: float,
-         attention: bool = False, attention_gate: str = "softmax") -> nn.Module:
+         attention: bool = False, attention_gate: str = "softmax",
+         conv_impl: str = "auto") -> nn.Module:
     if name == "r_tiny":
         return IResNet(layers=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem_stride=2,
                        embedding_dim=embedding_dim, dropout=dropout, dtype=dtype, arch=name,
-                       attention=attention, attention_gate=attention_gate)
+                       attention=attention, attention_gate=attention_gate,
+                       conv_impl=conv_impl)
     if dropout:
         raise ValueError(f"backbone {name!r} has no dropout layer; got dropout={dropout}")
     return ConvNetTiny(embedding_dim=embedding_dim, dtype=dtype)
