@@ -77,9 +77,10 @@ def shifted_conv(x: jax.Array, kernel: jax.Array, stride: int,
     return out.astype(x.dtype)
 
 
-def _conv(x, kernel, stride, padding):
+def _conv(x, kernel, stride, padding, groups=1):
     return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=groups)
 
 
 def tap_kernel_grad(x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], stride: int,
@@ -166,13 +167,7 @@ class GroupedConv(nn.Module):
         dtype = self.dtype if self.dtype is not None else jnp.result_type(x, kernel)
         x, kernel = x.astype(dtype), kernel.astype(dtype)
         if resolve(self.impl) == "conv":
-            return lax.conv_general_dilated(
-                x, kernel, (self.strides, self.strides), self.padding,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g)
+            return _conv(x, kernel, self.strides, self.padding, g)
         if g == 1:
-            return dense_conv(x, kernel, self.strides, _static(self.padding))
+            return dense_conv(x, kernel, self.strides, self.padding)
         return shifted_conv(x, kernel, self.strides, self.padding, g)
-
-
-def _static(padding) -> tuple[tuple[int, int], tuple[int, int]]:
-    return tuple((int(lo), int(hi)) for lo, hi in padding)

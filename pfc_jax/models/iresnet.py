@@ -110,11 +110,11 @@ class IBasicBlock(nn.Module):
         out = batch_norm(train, dt, "bn2")(out)
         out = PReLU(name="prelu")(out)
         out = conv(self.planes, 3, self.stride, 1, dt, impl, "conv2")(out)
-        out = batch_norm(train, self.dtype, "bn3")(out)
+        out = batch_norm(train, dt, "bn3")(out)
         identity = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             identity = conv(self.planes, 1, self.stride, 0, dt, impl, "downsample_conv")(x)
-            identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
+            identity = batch_norm(train, dt, "downsample_bn")(identity)
         return out + identity
 
 
