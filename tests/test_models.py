@@ -359,6 +359,7 @@ GROUPED_CASES = [
     ("depthwise 3x3 stride 2", (2, 7, 7, 4), 4, 3, 2, 1, 4),
     ("2 channels per group (stem_dw)", (2, 5, 5, 8), 8, 3, 1, 1, 4),
     ("GDC 7x7 to 1x1", (3, 7, 7, 6), 6, 7, 1, 0, 6),
+    ("6 channels per group (per-group products)", (2, 5, 5, 12), 8, 3, 1, 1, 2),
 ]
 
 
@@ -406,6 +407,52 @@ def test_shifted_grouped_conv_equals_nn_conv_with_feature_groups(case):
     x32 = jnp.asarray(x, jnp.float32)
     vk = {"params": {"kernel": jnp.asarray(kernel, jnp.float32)}}
     np.testing.assert_array_equal(np.asarray(same.apply(vk, x32)), np.asarray(conv.apply(vk, x32)))
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=[c[0] for c in GROUPED_CASES])
+def test_shifted_conv_by_chunks_equals_whole_batch(case):
+    """The chunk loop (forward and its custom backward) against XLA's grouped
+    convolution, one image per chunk, float64."""
+    from jax import lax
+    from pfc_jax.models.grouped_conv import shifted_conv
+    _, shape, feats, k, stride, p, groups = case
+    shape = (4, *shape[1:])
+    rng = np.random.default_rng(3)
+    pad = ((p, p), (p, p))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape))
+        w = jnp.asarray(rng.standard_normal((k, k, shape[-1] // groups, feats)))
+        ref = lambda x, w: lax.conv_general_dilated(
+            x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups)
+        y0, v0 = jax.vjp(ref, x, w)
+        g = jnp.asarray(rng.standard_normal(y0.shape))
+        for chunk in (1, 2):
+            y1, v1 = jax.vjp(lambda x, w, c=chunk: shifted_conv(x, w, stride, pad, groups, c),
+                             x, w)
+            # sums of <= 4 * 7 * 7 * 6 unit-scale float64 products: 1e-12 is > 1e3 ulps
+            for name, a, b in zip(("output", "input grad", "kernel grad"), (y1, *v1(g)),
+                                  (y0, *v0(g))):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12,
+                                           err_msg=f"{name}, chunk {chunk}")
+    with pytest.raises(ValueError, match="chunk of 3 images does not divide the batch of 4"):
+        shifted_conv(jnp.zeros(shape), jnp.zeros((k, k, shape[-1] // groups, feats)), stride,
+                     pad, groups, 3)
+
+
+def test_chunk_size_rule():
+    """Whole batches while small; else the largest dividing chunk under the byte
+    budget, two images at least where the batch is even."""
+    from pfc_jax.models.grouped_conv import _CHUNK_BYTES, _WHOLE_BYTES, chunk_size
+    assert chunk_size((32, 14, 14, 256), 4) == 32          # 6.4 MB: whole
+    assert chunk_size((32, 28, 28, 128), 4) == 8           # 0.4 MB an image
+    assert chunk_size((32, 56, 56, 128), 4) == 2           # 1.6 MB an image
+    assert chunk_size((9, 112, 112, 128), 4) == 1          # odd batch, 6.4 MB an image
+    for shape in [(32, 56, 56, 128), (24, 28, 28, 256), (30, 40, 40, 96), (64, 7, 7, 8)]:
+        c = chunk_size(shape, 4)
+        image = 4 * int(np.prod(shape[1:]))
+        assert shape[0] % c == 0
+        assert shape[0] * image <= _WHOLE_BYTES or c * image <= _CHUNK_BYTES or c == 2
 
 
 def test_mbf_shifted_and_conv_forms_give_the_same_model():

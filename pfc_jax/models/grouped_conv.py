@@ -13,9 +13,13 @@ against 70-110 for the same convolution's forward and input gradient).
   accelerators want);
 * ``"shifted"``, grouped: a sum over the ``kh * kw`` kernel taps of a strided
   slice of the padded input times that tap's weights: an element-wise
-  multiply-add per tap for a depthwise kernel, a small per-group contraction
-  otherwise. Its gradients are slices, pads and reductions, which XLA:CPU
-  runs at memory speed;
+  multiply-add per tap for a depthwise kernel; with a few input channels per
+  group (MobileFaceNet's stem: 2), one such depthwise sum per input channel,
+  broadcast to its group's outputs; a per-group contraction beyond that.
+  Where the batch is large (one device), it runs over chunks of images in a
+  loop with its own backward (``shifted_conv``), so that the taps' reads and
+  the kernel gradient's reductions stay in cache. Its gradients are slices,
+  pads and reductions;
 * ``"shifted"``, dense (one group): XLA's convolution forward and input
   gradient, and the kernel gradient as ``kh * kw`` matrix products
   (``tap_kernel_grad``): each tap's input is a contiguous slice of the
@@ -29,6 +33,7 @@ The taps are summed in float32 (float64 inputs: float64) whatever the compute dt
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,33 +53,120 @@ def resolve(impl: str) -> str:
     return impl
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))  # one op when called eagerly (init)
-def shifted_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                 padding: tuple[tuple[int, int], tuple[int, int]], groups: int) -> jax.Array:
+def _taps(x: jax.Array, kernel: jax.Array, stride: int,
+          padding: tuple[tuple[int, int], tuple[int, int]], groups: int) -> jax.Array:
     """NHWC ``x`` * HWIO ``kernel`` with ``groups`` feature groups, tap by tap."""
     b, h, w, c = x.shape
     kh, kw, ci, cout = kernel.shape
-    if c != ci * groups or cout % groups:
-        raise ValueError(f"input channels {c} / kernel {kernel.shape} do not match "
-                         f"{groups} groups")
     co = cout // groups
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     ho = (xp.shape[1] - kh) // stride + 1
     wo = (xp.shape[2] - kw) // stride + 1
     acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 taps summed in f32
+    if ci <= _BROADCAST_MAX_IN:
+        # Per input channel i of a group, that channel broadcast to the group's
+        # outputs: a depthwise kernel over ``cout`` channels (k[:, :, i]), so
+        # every tap is an element-wise multiply-add (ci = 1: depthwise itself).
+        srcs = [(xp if co == 1 else jnp.broadcast_to(
+                    xp.reshape(b, *xp.shape[1:3], groups, ci)[..., i:i + 1],
+                    (b, *xp.shape[1:3], groups, co)).reshape(b, *xp.shape[1:3], cout),
+                 kernel[:, :, i]) for i in range(ci)]
     out = jnp.zeros((b, ho, wo, cout), acc)
     for i in range(kh):
         for j in range(kw):
-            xs = lax.slice(xp, (0, i, j, 0),
-                           (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-                           (1, stride, stride, 1))
-            if ci == 1 and co == 1:  # depthwise: one weight per channel
-                tap = xs * kernel[i, j, 0]
+            def tap_of(src):
+                return lax.slice(src, (0, i, j, 0),
+                                 (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
+                                  src.shape[-1]), (1, stride, stride, 1))
+            if ci <= _BROADCAST_MAX_IN:
+                for src, k in srcs:
+                    out = out + (tap_of(src) * k[i, j]).astype(acc)
             else:
-                tap = jnp.einsum("bhwgi,igo->bhwgo", xs.reshape(b, ho, wo, groups, ci),
-                                 kernel[i, j].reshape(ci, groups, co)).reshape(b, ho, wo, cout)
-            out = out + tap.astype(acc)
+                tap = jnp.einsum("bhwgi,igo->bhwgo", tap_of(xp).reshape(b, ho, wo, groups, ci),
+                                 kernel[i, j].reshape(ci, groups, co))
+                out = out + tap.reshape(b, ho, wo, cout).astype(acc)
     return out.astype(x.dtype)
+
+
+_BROADCAST_MAX_IN = 4  # input channels per group up to which groups are broadcast
+_CHUNK_BYTES = 4 << 20  # images per chunk: as many as fit this many bytes of input
+_WHOLE_BYTES = 8 << 20  # inputs up to this size are not chunked
+
+
+def chunk_size(x_shape: tuple[int, ...], itemsize: int) -> int:
+    """Images per chunk of ``shifted_conv``: the whole batch while its input is small
+    (at most ``_WHOLE_BYTES``), else the largest divisor of the batch whose chunk
+    holds at most ``_CHUNK_BYTES`` of input (at least 2 images where the batch
+    allows: one-image chunks ran no faster than the whole batch here)."""
+    b = x_shape[0]
+    image = itemsize * int(math.prod(x_shape[1:]))
+    if b * image <= _WHOLE_BYTES:
+        return b
+    fits = [d for d in range(1, b + 1) if b % d == 0 and d * image <= _CHUNK_BYTES]
+    best = max(fits, default=1)
+    return 2 if best == 1 and b % 2 == 0 else best
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _chunked(x, kernel, stride, padding, groups, chunk):
+    return _chunked_fwd(x, kernel, stride, padding, groups, chunk)[0]
+
+
+def _chunked_fwd(x, kernel, stride, padding, groups, chunk):
+    b = x.shape[0]
+    xc = x.reshape(b // chunk, chunk, *x.shape[1:])
+    y = lax.map(lambda xi: _taps(xi, kernel, stride, padding, groups), xc)
+    return y.reshape(b, *y.shape[2:]), (x, kernel)
+
+
+def _chunked_bwd(stride, padding, groups, chunk, res, g):
+    x, kernel = res
+    b = x.shape[0]
+    xc = x.reshape(b // chunk, chunk, *x.shape[1:])
+    gc = g.reshape(b // chunk, chunk, *g.shape[1:])
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+
+    def body(dk, xg):
+        xi, gi = xg
+        _, vjp = jax.vjp(lambda x_, k_: _taps(x_, k_, stride, padding, groups), xi, kernel)
+        dxi, dki = vjp(gi)
+        return dk + dki.astype(acc), dxi
+
+    dk, dx = lax.scan(body, jnp.zeros(kernel.shape, acc), (xc, gc))
+    return dx.reshape(x.shape), dk.astype(kernel.dtype)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))  # one op when called eagerly (init)
+def shifted_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                 padding: tuple[tuple[int, int], tuple[int, int]], groups: int,
+                 chunk: int | None = None) -> jax.Array:
+    """NHWC ``x`` * HWIO ``kernel`` with ``groups`` feature groups, tap by tap, over
+    chunks of ``chunk`` images (default: ``chunk_size``).
+
+    Forward and backward run chunk by chunk in a loop, so that each chunk's taps
+    (nine reads of the same input for a 3x3 kernel) and the kernel gradient's
+    reductions stay in cache: over a whole 32 x 56 x 56 x 128 batch the nine
+    reductions took 190 ms, chunk by chunk 36 ms. By default only a process
+    with one device chunks.
+    """
+    b, _, _, c = x.shape
+    _, _, ci, cout = kernel.shape
+    if c != ci * groups or cout % groups:
+        raise ValueError(f"input channels {c} / kernel {kernel.shape} do not match "
+                         f"{groups} groups")
+    if chunk is None:
+        # Only where the batch cannot be split over devices: on a mesh, GSPMD would
+        # move images between shards to form each chunk, and each device's share
+        # is small already (32 images over 8 devices: 4).
+        chunk = chunk_size(x.shape, x.dtype.itemsize) if jax.device_count() == 1 else b
+    if b % chunk:
+        raise ValueError(f"chunk of {chunk} images does not divide the batch of {b}")
+    if chunk == b:
+        return _taps(x, kernel, stride, padding, groups)
+    return _chunked(x, kernel, stride, padding, groups, chunk)
 
 
 def _conv(x, kernel, stride, padding, groups=1):
