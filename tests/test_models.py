@@ -441,18 +441,22 @@ def test_shifted_conv_by_chunks_equals_whole_batch(case):
 
 
 def test_chunk_size_rule():
-    """Whole batches while small; else the largest dividing chunk under the byte
-    budget, two images at least where the batch is even."""
-    from pfc_jax.models.grouped_conv import _CHUNK_BYTES, _WHOLE_BYTES, chunk_size
-    assert chunk_size((32, 14, 14, 256), 4) == 32          # 6.4 MB: whole
-    assert chunk_size((32, 28, 28, 128), 4) == 8           # 0.4 MB an image
-    assert chunk_size((32, 56, 56, 128), 4) == 2           # 1.6 MB an image
+    """The largest dividing chunk under the byte budget, two images at least where
+    the batch is even."""
+    from pfc_jax.models.grouped_conv import _CHUNK_BYTES, chunk_size
+    assert _CHUNK_BYTES == 2 << 20  # the cases below are worked for 2 MiB
+    assert chunk_size((32, 14, 14, 256), 4) == 8           # 0.2 MB an image
+    assert chunk_size((32, 28, 28, 128), 4) == 4           # 0.4 MB
+    assert chunk_size((32, 56, 56, 128), 4) == 2           # 1.6 MB
     assert chunk_size((9, 112, 112, 128), 4) == 1          # odd batch, 6.4 MB an image
+    assert chunk_size((4, 7, 7, 8), 4) == 4                # all of it fits
     for shape in [(32, 56, 56, 128), (24, 28, 28, 256), (30, 40, 40, 96), (64, 7, 7, 8)]:
         c = chunk_size(shape, 4)
         image = 4 * int(np.prod(shape[1:]))
         assert shape[0] % c == 0
-        assert shape[0] * image <= _WHOLE_BYTES or c * image <= _CHUNK_BYTES or c == 2
+        assert c * image <= _CHUNK_BYTES or c == 2
+        assert not any(shape[0] % d == 0 and d * image <= _CHUNK_BYTES
+                       for d in range(c + 1, shape[0] + 1))  # no larger chunk fits
 
 
 def test_mbf_shifted_and_conv_forms_give_the_same_model():
@@ -493,8 +497,9 @@ def test_dense_conv_kernel_gradient_by_taps_equals_xla(k, s, p):
         ref = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad,
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
         y0, v0 = jax.vjp(ref, x, w)
-        y1, v1 = jax.vjp(lambda x, w: dense_conv(x, w, s, pad), x, w)
         g = jnp.asarray(rng.standard_normal(y0.shape))
-        np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
-        for a, b in zip(v1(g), v0(g)):  # sums of <= 220 unit-scale products: 1e-12 is ~1e4 ulps
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
+        for chunk in (2, 1):  # the whole batch; one image per chunk, summed in a loop
+            y1, v1 = jax.vjp(lambda x, w, c=chunk: dense_conv(x, w, s, pad, c), x, w)
+            np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+            for a, b in zip(v1(g), v0(g)):  # sums of <= 220 unit-scale products: 1e-12 ~1e4 ulps
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-12)
