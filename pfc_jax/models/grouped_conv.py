@@ -24,7 +24,8 @@ against 70-110 for the same convolution's forward and input gradient).
   gradient, and the kernel gradient as ``kh * kw`` matrix products
   (``tap_kernel_grad``): each tap's input is a contiguous slice of the
   padded input flattened over (batch, row, column), on a grid that extends
-  the output by the kernel's reach, so no patch matrix is built.
+  the output by the kernel's reach, so no patch matrix is built; on one
+  device, summed over chunks of images in a loop (``dense_conv``).
 
 ``impl="auto"`` takes ``shifted`` when JAX's default backend is the CPU.
 The taps are summed in float32 (float64 inputs: float64) whatever the compute dtype.
@@ -43,6 +44,8 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("auto", "conv", "shifted")
+_BROADCAST_MAX_IN = 4  # input channels per group up to which groups are broadcast
+_CHUNK_BYTES = 2 << 20  # images per chunk: as many as fit this many bytes of input
 
 
 def resolve(impl: str) -> str:
@@ -86,10 +89,6 @@ def _taps(x: jax.Array, kernel: jax.Array, stride: int,
                                  kernel[i, j].reshape(ci, groups, co))
                 out = out + tap.reshape(b, ho, wo, cout).astype(acc)
     return out.astype(x.dtype)
-
-
-_BROADCAST_MAX_IN = 4  # input channels per group up to which groups are broadcast
-_CHUNK_BYTES = 2 << 20  # images per chunk: as many as fit this many bytes of input
 
 
 def chunk_size(x_shape: tuple[int, ...], itemsize: int) -> int:
