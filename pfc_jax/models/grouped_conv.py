@@ -115,23 +115,23 @@ def _check_chunk(b: int, chunk: int) -> None:
         raise ValueError(f"chunk of {chunk} images does not divide the batch of {b}")
 
 
+def _by_chunks(a: jax.Array, chunk: int) -> jax.Array:
+    """``[b, ...]`` as ``[b / chunk, chunk, ...]``: the loops' leading axis."""
+    return a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _chunked(x, kernel, stride, padding, groups, chunk):
     return _chunked_fwd(x, kernel, stride, padding, groups, chunk)[0]
 
 
 def _chunked_fwd(x, kernel, stride, padding, groups, chunk):
-    b = x.shape[0]
-    xc = x.reshape(b // chunk, chunk, *x.shape[1:])
-    y = lax.map(lambda xi: _taps(xi, kernel, stride, padding, groups), xc)
-    return y.reshape(b, *y.shape[2:]), (x, kernel)
+    y = lax.map(lambda xi: _taps(xi, kernel, stride, padding, groups), _by_chunks(x, chunk))
+    return y.reshape(x.shape[0], *y.shape[2:]), (x, kernel)
 
 
 def _chunked_bwd(stride, padding, groups, chunk, res, g):
     x, kernel = res
-    b = x.shape[0]
-    xc = x.reshape(b // chunk, chunk, *x.shape[1:])
-    gc = g.reshape(b // chunk, chunk, *g.shape[1:])
     acc = jnp.promote_types(kernel.dtype, jnp.float32)
 
     def body(dk, xg):
@@ -140,7 +140,8 @@ def _chunked_bwd(stride, padding, groups, chunk, res, g):
         dxi, dki = vjp(gi)
         return dk + dki.astype(acc), dxi
 
-    dk, dx = lax.scan(body, jnp.zeros(kernel.shape, acc), (xc, gc))
+    dk, dx = lax.scan(body, jnp.zeros(kernel.shape, acc),
+                      (_by_chunks(x, chunk), _by_chunks(g, chunk)))
     return dx.reshape(x.shape), dk.astype(kernel.dtype)
 
 
@@ -152,7 +153,7 @@ def shifted_conv(x: jax.Array, kernel: jax.Array, stride: int,
                  padding: tuple[tuple[int, int], tuple[int, int]], groups: int,
                  chunk: int | None = None) -> jax.Array:
     """NHWC ``x`` * HWIO ``kernel`` with ``groups`` feature groups, tap by tap, over
-    chunks of ``chunk`` images (default: ``chunk_size``).
+    chunks of ``chunk`` images (default: ``default_chunk``).
 
     Forward and backward run chunk by chunk in a loop, so that each chunk's taps
     (nine reads of the same input for a 3x3 kernel) and the kernel gradient's
@@ -248,8 +249,7 @@ def _dense_conv_bwd(stride, padding, chunk, res, g):
             return acc + tap_kernel_grad(xg[0], xg[1], (kh, kw), stride, padding), None
         acc = jnp.promote_types(x.dtype, jnp.float32)
         dk, _ = lax.scan(body, jnp.zeros(kernel.shape, acc),
-                         (x.reshape(b // chunk, chunk, *x.shape[1:]),
-                          g.reshape(b // chunk, chunk, *g.shape[1:])))
+                         (_by_chunks(x, chunk), _by_chunks(g, chunk)))
     return dx, dk.astype(kernel.dtype)
 
 
