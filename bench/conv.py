@@ -57,7 +57,6 @@ def main() -> None:
     platform.use_cpu(1)
     import jax
     import jax.numpy as jnp
-    from jax import lax
 
     from pfc_jax.models import grouped_conv as gc
 
@@ -89,10 +88,8 @@ def main() -> None:
         r = jax.random.normal(keys[2], (b, ho, ho, cout))
         chunk = gc.chunk_size(x.shape, 4)
 
-        def xla(x, w):
-            return lax.conv_general_dilated(x, w, (s, s), pad,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            feature_group_count=groups)
+        def xla(x, w):  # what conv_impl=conv runs
+            return gc._conv(x, w, s, pad, groups)
 
         def cpu_form(c):
             if groups == 1:

@@ -410,9 +410,9 @@ def test_shifted_grouped_conv_equals_nn_conv_with_feature_groups(case):
 
 
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=[c[0] for c in GROUPED_CASES])
-def test_shifted_conv_by_chunks_equals_whole_batch(case):
+def test_shifted_conv_by_chunks_equals_xla(case):
     """The chunk loop (forward and its custom backward) against XLA's grouped
-    convolution, one image per chunk, float64."""
+    convolution, one and two images per chunk, float64."""
     from jax import lax
     from pfc_jax.models.grouped_conv import shifted_conv
     _, shape, feats, k, stride, p, groups = case
