@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+
+from xla_cost import median_seconds
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,13 +62,7 @@ def main() -> None:
     from pfc_jax.models import grouped_conv as gc
 
     def median_ms(fn, *a) -> float:
-        jax.block_until_ready(fn(*a))
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            times.append(time.perf_counter() - t)
-        return sorted(times)[len(times) // 2] * 1e3
+        return 1e3 * median_seconds(lambda: jax.block_until_ready(fn(*a)), args.reps)
 
     b = args.batch
     print(f"one CPU device, {os.cpu_count()} cores, JAX {jax.__version__}, batch {b}, float32; "

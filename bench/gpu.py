@@ -7,13 +7,17 @@ Rows, each measured as the median of a few steps after compiling:
 
 * head step (``PartialFC.step``: sampling, margin softmax, backward, lazy
   SGD+momentum row update) at 1M and 10M classes, r = 1 and r = 0.1, D = 512,
-  global batch 1024: seconds per step, TFLOP/s from XLA's own FLOP count of
-  the compiled step (per device, times the devices), and MFU against one
-  card's dense bf16 peak
+  global batch 1024: seconds per step, TFLOP/s from the step's model FLOPs
+  (its three matmuls, 6 B Ns D over the mesh; XLA's own count takes the
+  blockwise loop's body once, ``xla_cost``), and MFU against one card's
+  dense bf16 peak
   (``PEAK_TFLOPS``; the head computes in float32, so its MFU is bounded by
   the float32 rate and is quoted for comparison with the backbone);
 * full train step (``pfc_jax.train.Trainer``, bf16 compute) for r50 and
-  r100 at 93,431 classes, r = 0.1: samples/s, TFLOP/s and MFU;
+  r100 at 93,431 classes, r = 0.1: samples/s, TFLOP/s and MFU, the FLOPs
+  being XLA's count of the backbone's forward and backward (a program with
+  no loops, so the count is exact; else none is claimed) plus the head's
+  model FLOPs;
 * this host's input pipeline: JPEG RecordIO decode + flip + batch, with
   every worker the host has (images/s).
 
@@ -31,6 +35,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from xla_cost import cost as xla_cost  # noqa: E402
+from xla_cost import median_seconds  # noqa: E402
 
 # Dense bf16 peak TFLOP/s by device kind (vendor figures, without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0,
@@ -39,7 +47,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0,
 FULL = dict(head=[(1_000_000, 1.0), (1_000_000, 0.1), (10_000_000, 1.0), (10_000_000, 0.1)],
             head_batch=1024, dim=512, models=("r50", "r100"), per_device_batch=128,
             classes=93_431, steps=5, images=4096)  # <= 8 min on one H100/H200
-SMOKE = dict(head=[(2048, 1.0), (2048, 0.1), (8192, 1.0), (8192, 0.1)],
+# The smoke head takes blocks of 256 columns, so its r = 1 rows run the
+# blockwise loop the full sizes run (8,192 classes: 4 blocks a device).
+SMOKE = dict(head=[(2048, 1.0), (2048, 0.1), (8192, 1.0), (8192, 0.1)], head_block=256,
              head_batch=64, dim=64, models=("r_tiny",), per_device_batch=2,
              classes=512, steps=2, images=128, workers=0)
 
@@ -51,25 +61,31 @@ def peak_tflops(kind: str) -> float | None:
     return None
 
 
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+def head_model_flops(head, global_batch: int) -> float:
+    """One device's model FLOPs of a head step: the forward logits, the embedding
+    gradient and the centre gradient, 2 Bg Ns K D each (Bg: its group's batch)."""
+    cfg = head.config
+    group_batch = global_batch * head.num_shards // head.mesh.size
+    return 6.0 * group_batch * head.num_sampled(global_batch) * cfg.num_subcenters \
+        * cfg.embedding_dim
 
 
-def _median_time(fn, steps: int) -> float:
-    import numpy as np
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def backbone_cost(trainer, state, images) -> dict:
+    """XLA's count for the backbone's forward and backward (train mode) on ``images``."""
+    import jax
+    import jax.numpy as jnp
+
+    def fwd_bwd(params, batch_stats, images):
+        def forward(p):
+            emb, _ = trainer.model.apply({"params": p, "batch_stats": batch_stats}, images,
+                                         train=True, mutable=["batch_stats"],
+                                         rngs={"dropout": jax.random.key(0)})
+            return emb
+        emb, vjp = jax.vjp(forward, params)
+        return vjp(jnp.ones_like(emb))
+
+    x = jax.tree.map(lambda a: a.astype(jnp.float32), images)
+    return xla_cost(jax.jit(fwd_bwd).lower(state.params, state.batch_stats, x).compile())
 
 
 def head_rows(sizes: dict, peak: float | None):
@@ -84,7 +100,8 @@ def head_rows(sizes: dict, peak: float | None):
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
     for classes, rate in sizes["head"]:
         head = pf.PartialFC(pf.HeadConfig(num_classes=classes, embedding_dim=d,
-                                          sample_rate=rate), mesh, tx)
+                                          sample_rate=rate,
+                                          block_size=sizes.get("head_block", 0)), mesh, tx)
         state = head.init(jax.random.key(0))
         rng = np.random.default_rng(0)
         x, y = head.shard_batch(rng.normal(size=(b, d)).astype(np.float32),
@@ -93,17 +110,20 @@ def head_rows(sizes: dict, peak: float | None):
         t0 = time.perf_counter()
         compiled = jax.jit(head.apply).lower(state, x, y, key).compile()
         compile_s = time.perf_counter() - t0
-        flops = _flops(compiled)
+        counted = xla_cost(compiled)
         box = [state]
 
         def step():
             box[0], g, _ = head.step(box[0], x, y, key)
             jax.block_until_ready(g)
 
-        step()  # the jitted, donating step: its own compile, then warm
-        seconds = _median_time(step, sizes["steps"])
-        yield _row("head", f"C={classes:,} r={rate:g} B={b}", seconds, compile_s, flops,
-                   peak, unit_rate=None)
+        # the jitted, donating step: its own compile in the warm-up call
+        seconds = median_seconds(step, sizes["steps"])
+        _, block = head.softmax_plan(b)
+        yield dict(_row("head", f"C={classes:,} r={rate:g} B={b}", seconds, compile_s,
+                        head_model_flops(head, b), peak, unit_rate=None),
+                   xla_flops=counted["flops"], xla_exact=counted["exact"],
+                   blocks=-(-head.num_sampled(b) // block))
         box.clear()  # free this table before the next one is built
         del state
 
@@ -132,17 +152,20 @@ def model_rows(sizes: dict, peak: float | None):
         t0 = time.perf_counter()
         compiled = trainer.train_step.lower(state, batch_arrays).compile()
         compile_s = time.perf_counter() - t0
-        flops = _flops(compiled)
+        backbone = backbone_cost(trainer, state, batch_arrays["image"])
+        flops = None
+        if backbone["exact"] and backbone["flops"]:
+            flops = backbone["flops"] + head_model_flops(trainer.head, batch)
         box = [state]
 
         def step():
             box[0], m = compiled(box[0], batch_arrays)
             jax.block_until_ready(m)
 
-        step()
-        seconds = _median_time(step, sizes["steps"])
-        yield _row("train step", f"{name} bf16 B={batch}", seconds, compile_s, flops, peak,
-                   unit_rate=batch / seconds)
+        seconds = median_seconds(step, sizes["steps"])
+        yield dict(_row("train step", f"{name} bf16 B={batch}", seconds, compile_s, flops,
+                        peak, unit_rate=batch / seconds),
+                   backbone_flops=backbone["flops"], xla_exact=backbone["exact"])
         box.clear()
         del state, trainer
 
@@ -168,8 +191,8 @@ def pipeline_row(sizes: dict):
 
 
 def _row(kind, what, seconds, compile_s, flops, peak, unit_rate):
-    """``flops``: XLA's count for one device's program (SPMD: every device runs
-    the same); TFLOP/s is the whole mesh's, MFU per device against its peak."""
+    """``flops``: one device's FLOPs of the step (SPMD: every device runs the
+    same); TFLOP/s is the whole mesh's, MFU per device against its peak."""
     import jax
     n = jax.device_count()
     tflops = flops * n / seconds / 1e12 if flops else None

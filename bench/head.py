@@ -18,7 +18,11 @@ ratios the goals are stated in:
   row and its momentum once, write both once, plus the matmul operands: the
   group's embeddings read by the three matmuls and their gradient written),
   and the step's achieved bandwidth against this machine's, measured in the
-  same child by a streaming read+write over the mesh;
+  same child by a streaming read+write over the mesh. XLA counts a loop's
+  body once (``xla_cost``): a count marked ``*`` comes from a program with
+  loops of several trips (the blocks, the sampler's bisection) and is low by
+  up to their trip counts. The row with ``block = Ns`` (one block, at r = 1
+  no sampler loop) is the exact count of the same step;
 * the roofline time: the floor bytes at the measured bandwidth or the
   matmul FLOPs at the bare-matmul rate, whichever is longer, and the step's
   fraction of it (on this CPU the step is compute-bound from B of about 32
@@ -43,6 +47,9 @@ import subprocess
 import sys
 import time
 
+from xla_cost import cost as xla_cost
+from xla_cost import median_seconds
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GIB = 2**30
 
@@ -65,6 +72,8 @@ def child(cfg: dict) -> dict:
     C, B, D, r = cfg["classes"], cfg["batch"], cfg["dim"], cfg["rate"]
     mesh = mesh_lib.make_mesh()
     budget = {"logits_budget_mib": cfg["budget_mib"]} if "budget_mib" in cfg else {}
+    if cfg.get("one_block"):  # every sampled column in one block: no block loop
+        budget["block_size"] = C  # the plan clamps it to Ns
     head_cfg = pf.HeadConfig(num_classes=C, embedding_dim=D, sample_rate=r,
                              row_update=cfg["update"], sampler=cfg["sampler"],
                              matmul_dtype=cfg.get("matmul", "float32"),
@@ -85,21 +94,15 @@ def child(cfg: dict) -> dict:
     ma = compiled.memory_analysis()
     rss_ready = _rss_gib()
 
-    def timed(n, fn):
-        times = []
-        for i in range(n):
-            t = time.perf_counter()
-            fn(i)
-            times.append(time.perf_counter() - t)
-        return float(np.median(times)), times
+    calls = [0]
 
-    def one_step(i):
+    def one_step():
         nonlocal state
-        state, g, stats = compiled(state, x, y, jax.random.fold_in(key, i))
+        calls[0] += 1
+        state, g, stats = compiled(state, x, y, jax.random.fold_in(key, calls[0]))
         jax.block_until_ready((state, g))
 
-    one_step(0)  # warm
-    step_s, _ = timed(cfg["steps"], one_step)
+    step_s = median_seconds(one_step, cfg["steps"])
     plan, block = head.softmax_plan(B)
     # Table and its optimizer rows, all devices together (what the head must hold).
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
@@ -135,15 +138,14 @@ def child(cfg: dict) -> dict:
                        mesh_lib.table_sharding(mesh, axes))
     g = jax.device_put(rng.normal(size=(B, n_dev * n_cols)).astype(np.float32),
                        jax.sharding.NamedSharding(mesh, P(None, axes)))
-    jax.block_until_ready(bare_fn(xf, w, g))
-    bare_s, _ = timed(cfg["steps"], lambda i: jax.block_until_ready(bare_fn(xf, w, g)))
+    bare_s = median_seconds(lambda: jax.block_until_ready(bare_fn(xf, w, g)), cfg["steps"])
     flops = 6.0 * B * n_dev * n_cols * D
 
     table_bytes = 4 * head.padded_classes * head_cfg.num_subcenters * D // n_dev
-    # Bytes: XLA's count for one device's program; the floor per sampled row.
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    bytes_dev = float(cost.get("bytes accessed", 0.0)) if cost else 0.0
+    # Bytes: XLA's count for one device's program (loop bodies once); the floor
+    # per sampled row.
+    counted = xla_cost(compiled)
+    bytes_dev = counted["bytes"] or 0.0
     group_batch = B * head.num_shards // n_dev
     row = 4 * head_cfg.num_subcenters * D
     floor_dev = 4 * row * ns + 4 * (3 + 1) * group_batch * D  # rows + momentum r/w; operands
@@ -151,11 +153,11 @@ def child(cfg: dict) -> dict:
     big = jax.device_put(np.ones((n_dev, 2**25 // n_dev), np.float32),
                          mesh_lib.table_sharding(mesh, axes))
     stream = jax.jit(lambda a: a * 1.0001)
-    jax.block_until_ready(stream(big))
-    stream_s, _ = timed(5, lambda i: jax.block_until_ready(stream(big)))
+    stream_s = median_seconds(lambda: jax.block_until_ready(stream(big)), 5)
     bw = 2 * big.nbytes / stream_s
     return dict(cfg, **extra, ns=ns, step_s=step_s, compile_s=compile_s, bare_s=bare_s,
                 bytes_per_row=bytes_dev / ns, floor_per_row=floor_dev / ns,
+                bytes_exact=counted["exact"], loops=counted["loops"],
                 step_gbs=bytes_dev * n_dev / step_s / 1e9, machine_gbs=bw / 1e9,
                 gflops_step=flops / step_s / 1e9, gflops_bare=flops / bare_s / 1e9,
                 arg_gib=ma.argument_size_in_bytes / GIB, out_gib=ma.output_size_in_bytes / GIB,
@@ -211,19 +213,8 @@ def torch_child(cfg: dict) -> dict:
         return float(loss)
 
     del math
-    return dict(cfg, step_s=_median_step_s(step, cfg["steps"]),
+    return dict(cfg, step_s=median_seconds(step, cfg["steps"]),
                 torch_threads=torch.get_num_threads())
-
-
-def _median_step_s(step, n: int) -> float:
-    """Median seconds of ``n`` calls of ``step`` after one warm-up call."""
-    step()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def reference_child(cfg: dict) -> dict:
@@ -262,7 +253,7 @@ def reference_child(cfg: dict) -> dict:
         opt.zero_grad()
         return float(loss)
 
-    step_s = _median_step_s(step, cfg["steps"])
+    step_s = median_seconds(step, cfg["steps"])
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     distributed.destroy_process_group()
@@ -388,6 +379,8 @@ def main():
     C = big[-1]
     # Today's whole [B, Ns] logits and gathered rows at r = 1, beside the automatic plan.
     rows.append(dict(base, classes=C, batch=128, rate=1.0, softmax="full", fused=False, steps=2))
+    # The fused step in one block: the same work with no loop, so XLA's count is exact.
+    rows.append(dict(base, classes=C, batch=128, rate=1.0, one_block=True, steps=2))
     # Same Ns as the smaller class count at r = 0.1: temporaries must not grow with C.
     rows.append(dict(base, classes=C, batch=128, rate=0.1 * big[0] / C, steps=4))
     rows.append(dict(base, classes=C, batch=128, rate=0.1, update="dense", steps=3))
@@ -423,7 +416,8 @@ def main():
               f"{res['gflops_step']:>7.1f} {res['gflops_bare']:>9.1f} "
               f"{res['gflops_step'] / res['gflops_bare']:>5.2f} {res['temp_gib']:>8.3f} "
               f"{res['arg_gib']:>8.3f} {res['table_gib']:>9.3f} {res['rss_peak_gib']:>10.2f} "
-              f"{res['bytes_per_row']:>7.0f} {res['floor_per_row']:>6.0f} "
+              f"{res['bytes_per_row']:>6.0f}{' ' if res['bytes_exact'] else '*'} "
+              f"{res['floor_per_row']:>6.0f} "
               f"{res['bytes_per_row'] / res['floor_per_row']:>7.2f} {res['step_gbs']:>6.1f} "
               f"{res['step_gbs'] / res['machine_gbs']:>6.0%} {_roof_s(res):>7.3f} "
               f"{_roof_s(res) / res['step_s']:>7.0%}",
@@ -443,9 +437,16 @@ def main():
                 return res
         return None
 
+    print("* bytes counted with loop bodies once (loops of several trips in the program): "
+          "a lower bound, not the step's count")
     print("\nratios")
     C = big[-1]
-    full = find(classes=C, batch=128, rate=1.0, softmax=None)
+    full = find(classes=C, batch=128, rate=1.0, softmax=None, one_block=None)
+    one = find(classes=C, batch=128, rate=1.0, one_block=True)
+    if one:
+        print(f"  C={C} r=1, one block (exact count): {one['bytes_per_row'] / one['floor_per_row']:.2f}x "
+              f"the floor per row (goal <= 2), step {one['step_s']:.3f} s"
+              + (f" vs {full['step_s']:.3f} s in blocks of {full['block']}" if full else ""))
     part = find(classes=C, batch=128, rate=0.1, update="lazy", sampler="select")
     whole = find(classes=C, batch=128, rate=1.0, softmax="full")
     if full and whole:

@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from xla_cost import median_seconds
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -57,13 +59,7 @@ def reference_child(cfg: dict) -> dict:
         opt.step()
         opt.zero_grad()
 
-    step()
-    times = []
-    for _ in range(cfg["steps"]):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    step_s = sorted(times)[len(times) // 2]
+    step_s = median_seconds(step, cfg["steps"])
     return dict(cfg, step_s=step_s, torch=torch.__version__,
                 threads=torch.get_num_threads())
 
@@ -138,19 +134,17 @@ def main():
         t0 = time.perf_counter()
         compiled = trainer.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            state, m = compiled(state, batch)
+        box = [state]
+
+        def step():
+            box[0], m = compiled(box[0], batch)
             jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-        step_s = float(np.median(times))
+
+        step_s = median_seconds(step, args.steps)
         step_rates[spec] = args.batch / step_s
         print(f"{spec:>12} {compile_s:>9.1f} {step_s:>8.3f} {args.batch / step_s:>10.1f}",
               flush=True)
-        del state, compiled, trainer
+        del state, box, compiled, trainer
     if args.reference_dir:
         print(f"\narcface_torch's own backbones (forward, backward, SGD; no head), "
               f"float32, batch {args.batch}")

@@ -24,13 +24,22 @@ def test_gpu_bench_smoke_prints_every_row(tmp_path):
     assert "device: 8 x cpu" in proc.stdout
     for r in rows[:-1]:
         assert np.isfinite(r["seconds"]) and r["seconds"] > 0, r
-        # XLA's FLOP count of the compiled step is at least the head's three
-        # [B, Ns] x [Ns, D] matmuls on this device's share (2 FLOPs a product).
         assert r["flops_per_device"] and r["tflops"] > 0, r
         assert r["mfu"] is None  # no peak is claimed for an emulated CPU
-    b, d = 64, 64
+    b, d, block = 64, 64, 256
     for r, (c, rate) in zip(rows[:4], [(2048, 1.0), (2048, 0.1), (8192, 1.0), (8192, 0.1)]):
-        ns = max(int(np.ceil(rate * c / 8)), min(b, c // 8))  # sampled per shard
-        assert r["flops_per_device"] >= 3 * 2 * b * ns * d, (r, ns)
-    assert rows[4]["samples_per_s"] > 0 and rows[5]["images_per_s"] > 0
+        # The head's model FLOPs: its three [B, Ns] x [Ns, D] matmuls on one
+        # device's share of the classes (the whole batch: one group), 2 FLOPs
+        # a product; Ns = ceil(r C / 8), at least min(B, C / 8).
+        ns = max(int(np.ceil(rate * c / 8)), min(b, c // 8))
+        assert r["flops_per_device"] == 3 * 2 * b * ns * d, (r, ns)
+        assert r["blocks"] == -(-ns // block), r
+        if r["blocks"] > 1:  # XLA counts the block loop's body once: not exact
+            assert r["xla_exact"] is False, r
+    assert rows[2]["blocks"] == 4  # the smoke sizes reach the blockwise loop
+    # The train step: the backbone's own (loop-free, exact) count plus the head's.
+    train_row = rows[4]
+    assert train_row["xla_exact"] and train_row["backbone_flops"] > 0, train_row
+    assert train_row["flops_per_device"] > train_row["backbone_flops"], train_row
+    assert train_row["samples_per_s"] > 0 and rows[5]["images_per_s"] > 0
     assert len(proc.stdout.strip().splitlines()) == 1 + len(rows) + 1  # header, rows, total
