@@ -44,6 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
         # the shard's softmax: with lazy updates in blocks, the rows updated inside
         # its backward; unfused, whole until [batch, sampled] logits pass the budget
         softmax="auto", block_size=0, logits_budget_mib=32.0, fused_update=True,
+        cosine_stash_mib=256.0,  # fused: the forward's cosines kept for the backward
+        block_budget_mib=0.0,  # one block's logits; 0 = logits budget / 4, <= 2 MiB on CPU
     ))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -69,6 +69,7 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 SOFTMAX_MODES = ("auto", "full", "blockwise")
 MAX_CLASSES = 2**31 - 1  # labels and row ids are int32
 _NORM_EPS = softmax_ce.NORM_EPS
+_CPU_BLOCK_BYTES = 2 * 2**20  # the largest automatic block of logits on a CPU mesh
 _INIT_BLOCK_ROWS = 4096
 # Per-sample statistics returned by the step, each [B] and sharded like the batch.
 SAMPLE_STATS = ("loss", "target_cos", "max_neg_cos", "target_is_max", "label_ok")
@@ -94,6 +95,8 @@ class HeadConfig:
     softmax: str = "auto"          # full | blockwise | auto (fused if lazy, else by the budget)
     block_size: int = 0            # columns per block; 0 = from logits_budget_mib
     logits_budget_mib: float = 32.0  # per-shard logits kept whole up to this; blocks: 1/4
+    cosine_stash_mib: float = 256.0  # fused: forward cosines kept for the backward up to this
+    block_budget_mib: float = 0.0  # one [Bg, block] buffer; 0 = budget / 4, <= 2 MiB on CPU
     fused_update: bool = True      # lazy: update rows inside the blockwise backward
 
     def validate(self) -> None:
@@ -131,6 +134,10 @@ class HeadConfig:
              f"block_size must be an integer >= 0 (0 = automatic), got {self.block_size!r}")
         need(self.logits_budget_mib > 0,
              f"logits_budget_mib must be > 0, got {self.logits_budget_mib!r}")
+        need(self.cosine_stash_mib >= 0,
+             f"cosine_stash_mib must be >= 0 (0 = never), got {self.cosine_stash_mib!r}")
+        need(self.block_budget_mib >= 0,
+             f"block_budget_mib must be >= 0 (0 = automatic), got {self.block_budget_mib!r}")
         self.margin  # validates m1, m2, m3 and grad_mode
 
     @property
@@ -400,17 +407,17 @@ class PartialFC:
         (the global batch over the replica groups). ``fused`` (default:
         ``fuses_update``) asks for the plan of the fused step, which is
         always blockwise. Otherwise ``auto`` keeps the logits whole while
-        they fit in ``logits_budget_mib`` and past it takes blocks. Blocks
-        hold a quarter of the budget, so the temporaries stay flat however
+        they fit in ``logits_budget_mib`` and past it takes blocks. A block's
+        ``[Bg, cols * K]`` logits hold ``block_elements`` (a quarter of the
+        budget; on CPU at most 2 MiB), so the temporaries stay flat however
         the global batch grows; a block's rows ``[cols * K, D]`` (and, fused,
-        their gradient and optimizer rows) are held to the same quarter. The
+        their gradient and optimizer rows) are held to the same size. The
         blocks split ``Ns`` evenly (a multiple of 128 columns when there is
         room), so the clamped last block re-covers few columns.
         """
         cfg = self.config
         ns = self.num_sampled(global_batch)
         group_batch = global_batch * self.num_shards // self.mesh.size
-        budget = self._budget_elements()
         if fused is None:
             fused = self.fuses_update(global_batch)
         kind = "blockwise" if fused else cfg.softmax
@@ -421,7 +428,7 @@ class PartialFC:
         if cfg.block_size:
             return kind, max(1, min(cfg.block_size, ns))
         width = max(group_batch, cfg.embedding_dim) * cfg.num_subcenters
-        cols = max(1, budget // 4 // width)
+        cols = max(1, self.block_elements() // width)
         if cols >= 256:
             cols = cols // 128 * 128
         n_blocks = -(-ns // cols)
@@ -433,11 +440,36 @@ class PartialFC:
     def stashes_cosines(self, global_batch: int) -> bool:
         """Whether the fused step keeps its forward's ``[Bg, Ns * K]`` cosines.
 
-        It does while they fit ``logits_budget_mib`` (the budget whole logits
-        have); its backward then reads them instead of recomputing each
-        block's matmul, one of the four matmuls a recomputing step does.
+        It does while they fit ``cosine_stash_mib`` (float32, plus the int8
+        sub-centre choice when K > 1); its backward then reads them instead
+        of recomputing each block's matmul, one of the four matmuls a
+        recomputing step does. A budget of its own, above the blocks' (a
+        quarter of ``logits_budget_mib``): measured on one CPU device at
+        C = 1M, r = 0.1, B = 512 (205 MB of cosines) the three matmuls took
+        655 ms of the step against 925 ms for four (docs/benchmarks.md).
         """
-        return self._logits_fit(global_batch)
+        group_batch = global_batch * self.num_shards // self.mesh.size
+        per_column = 4 + (1 if self.config.num_subcenters > 1 else 0)
+        stash = group_batch * self.num_sampled(global_batch) * self.config.num_subcenters
+        return stash * per_column <= self.config.cosine_stash_mib * 2**20
+
+    def block_elements(self) -> int:
+        """Float32 elements of one block's ``[Bg, cols * K]`` logits.
+
+        ``block_budget_mib`` if set; else a quarter of ``logits_budget_mib``,
+        and on a CPU mesh at most 2 MiB: there blocks whose buffers fit the
+        core's cache ran faster, in less memory (C = 1M, r = 0.1, D = 512:
+        blocks of 512-1,024 columns against 3,200-4,096, B = 128 and 512, one
+        and 8 devices; docs/benchmarks.md). Accelerators keep the larger
+        blocks (fewer, larger matmuls).
+        """
+        cfg = self.config
+        if cfg.block_budget_mib:
+            return max(1, int(cfg.block_budget_mib * 2**20) // 4)
+        quarter = self._budget_elements() // 4
+        if self.mesh.devices.flat[0].platform == "cpu":
+            return min(quarter, _CPU_BLOCK_BYTES // 4)
+        return quarter
 
     def _budget_elements(self) -> int:
         return int(self.config.logits_budget_mib * 2**20) // 4  # float32 elements

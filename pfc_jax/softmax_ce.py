@@ -216,20 +216,21 @@ class ShardCE:
     def _forward_blocks(self, rows_at, x, tslot, valid, label_ok, block, stash=False):
         """Online pass over the blocks: the softmax's log-partition and the stats.
 
-        ``stash``: also keep every block's cosines (``[Bg, Ns]``, and the
-        chosen sub-centre) for a backward that then needs no matmul to
+        ``stash``: also keep every block's cosines (and the chosen
+        sub-centre), stacked by block (``[n_blocks, Bg, block]``, the scan's
+        outputs: written once, read back contiguously, no zero-filled
+        ``[Bg, Ns]`` buffer), for a backward that then needs no matmul to
         recompute them; returned as a last element, else ``None``.
         """
         n_blocks, block = self._blocks(block)
         bg = x.shape[0]
 
-        def body(i, carry):
-            (neg_max, neg_sum, c_t, max_neg_cos), saved = carry
+        def body(carry, i):
+            neg_max, neg_sum, c_t, max_neg_cos = carry
             start, _, is_t, neg = self._columns(i, block, tslot, valid)
             _, cos_pre, kstar = self._cosines(rows_at(start), x)
-            if stash:
-                saved = tuple(lax.dynamic_update_slice_in_dim(a, b, start, axis=1)
-                              for a, b in zip(saved, (cos_pre, kstar)))
+            saved = ((cos_pre,) + ((kstar,) if self.num_subcenters > 1 else ())
+                     if stash else None)
             cos = jnp.clip(cos_pre, -1.0, 1.0)
             c_t = c_t + jnp.sum(jnp.where(is_t, cos, 0.0), axis=-1)
             max_neg_cos = jnp.maximum(max_neg_cos,
@@ -245,16 +246,11 @@ class ShardCE:
 
         vary = (tslot * 0).astype(jnp.float32)  # device-varying zeros, like the carry
         init = (vary - jnp.inf, vary, vary, vary - 2.0)
-        saved = ()
-        if stash:
-            saved = (jnp.zeros((bg, self.ns), jnp.float32) + vary[:, None],)
-            if self.num_subcenters > 1:
-                saved += (jnp.zeros((bg, self.ns), jnp.int8) + vary[:, None].astype(jnp.int8),)
         # Where no negative was kept neg_max stays -inf and neg_sum 0.
-        (neg_max, neg_sum, c_t, max_neg_cos), saved = lax.fori_loop(
-            0, n_blocks, body, (init, saved))
+        (neg_max, neg_sum, c_t, max_neg_cos), saved = lax.scan(
+            body, init, jnp.arange(n_blocks))
         out = self._finish(neg_max, neg_sum, c_t, max_neg_cos, tslot, label_ok) + (c_t,)
-        return out + ((saved if stash else None),)
+        return out + (saved,)
 
     def blockwise(self, block: int) -> Callable:
         """``full``'s function and gradients, never holding ``[Bg, Ns]``."""
@@ -344,7 +340,7 @@ class ShardCE:
                 rows_b = read(table, idx, start)
                 if stash:  # re-covered columns read updated rows: masked out below
                     inv_w = self._inv_norms(rows_b)
-                    cos_pre, *rest = (lax.dynamic_slice_in_dim(a, start, block, axis=1)
+                    cos_pre, *rest = (lax.dynamic_index_in_dim(a, i, keepdims=False)
                                       for a in saved)
                     kstar = rest[0] if rest else None
                 else:

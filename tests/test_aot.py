@@ -241,7 +241,8 @@ def test_tpu_full_softmax_head_updates_the_table_in_place():
     temps = {}
     for softmax in ("blockwise", "full"):
         head = pf.PartialFC(pf.HeadConfig(num_classes=1 << 18, embedding_dim=128,
-                                          softmax=softmax, logits_budget_mib=1.0),
+                                          softmax=softmax, logits_budget_mib=1.0,
+                                          cosine_stash_mib=0.0),
                             mesh, optax.sgd(0.1, momentum=0.9))
         assert head._slices_rows(head.num_sampled(64))  # every class sampled, on TPU
         state = jax.eval_shape(head.init, jax.random.key(0))

@@ -72,10 +72,10 @@ def test_blockwise_and_fused_equal_the_whole_logits_head(mesh_i, combo):
     whole = pf.PartialFC(pf.HeadConfig(softmax="full", **kw), mesh, tx, head_axes)
     # block 3 does not divide Ns (37, 19, 10, 5 or 12 per shard): the clamped last
     # block is exercised everywhere. Half the cases (on each mesh) stash the forward's
-    # cosines for the fused backward, half (a budget of 26 floats) recompute them.
+    # cosines for the fused backward, half (no stash budget) recompute them.
     stash = (mesh_i + combo) % 2 == 0
     blocked = pf.PartialFC(pf.HeadConfig(softmax="blockwise", block_size=3,
-                                         logits_budget_mib=32.0 if stash else 1e-4, **kw),
+                                         cosine_stash_mib=32.0 if stash else 0.0, **kw),
                            mesh, tx, head_axes)
     assert blocked.softmax_plan(B) == ("blockwise", 3) and blocked.fuses_update(B)
     assert blocked.stashes_cosines(B) == stash
@@ -152,8 +152,10 @@ def test_temporaries_stay_flat_as_devices_and_batch_grow(rate):
 
     Blocks of 1024 logits: 128 columns for a group batch of 8, 32 for 32 (several
     blocks at every size: a single-block loop compiles differently); only the
-    [B, D] embeddings (768 bytes here) grow."""
-    budget = dict(logits_budget_mib=4 * 1024 * 4 / 2**20, sample_rate=rate)
+    [B, D] embeddings (768 bytes here) grow. No cosine stash: it is [Bg, Ns],
+    bounded by its own budget instead (test_cosine_stash_is_bounded_by_its_budget)."""
+    budget = dict(logits_budget_mib=4 * 1024 * 4 / 2**20, sample_rate=rate,
+                  cosine_stash_mib=0.0)
     blocked = {n: _temporaries(n, softmax="blockwise", **budget) for n in (2, 8)}
     whole = {n: _temporaries(n, softmax="full", sample_rate=rate) for n in (2, 8)}
     unfused = {n: _temporaries(n, softmax="blockwise", fused_update=False, **budget)
@@ -161,6 +163,28 @@ def test_temporaries_stay_flat_as_devices_and_batch_grow(rate):
     assert blocked[8] <= 1.1 * blocked[2], blocked
     assert unfused[8] <= 1.1 * unfused[2], unfused
     assert whole[8] >= 2 * whole[2], whole  # [B_global, Ns]: 4x the rows
+
+
+def test_cosine_stash_is_bounded_by_its_budget():
+    """The fused step keeps its forward's [Bg, Ns] float32 cosines while they fit
+    ``cosine_stash_mib``: kept at exactly their size, not one byte below, and kept
+    they add their size to the temporaries, within a block's [Bg, block] cosines
+    (the backward's recomputed block, which the stash replaces)."""
+    n, rate = 8, 1.0
+    group_batch, ns = 4 * n, 512  # 4 images and 512 classes a device, head on all 8
+    stash_bytes = group_batch * ns * 4
+    kw = dict(softmax="blockwise", logits_budget_mib=4 * 1024 * 4 / 2**20, sample_rate=rate)
+    mesh = mesh_lib.make_mesh({"data": n}, jax.devices()[:n])
+    for mib, kept in ((stash_bytes / 2**20, True), ((stash_bytes - 1) / 2**20, False)):
+        head = pf.PartialFC(pf.HeadConfig(num_classes=512 * n, embedding_dim=8,
+                                          cosine_stash_mib=mib, **kw), mesh, optax.sgd(0.1))
+        assert head.num_sampled(group_batch) == ns
+        assert head.stashes_cosines(group_batch) is kept
+        block = head.softmax_plan(group_batch)[1]
+    on = _temporaries(n, cosine_stash_mib=stash_bytes / 2**20, **kw)
+    off = _temporaries(n, cosine_stash_mib=0.0, **kw)
+    block_bytes = group_batch * block * 4
+    assert stash_bytes - block_bytes <= on - off <= stash_bytes + block_bytes, (on, off)
 
 
 def test_fused_full_softmax_needs_little_beyond_the_table():
@@ -173,7 +197,7 @@ def test_fused_full_softmax_needs_little_beyond_the_table():
             head = pf.PartialFC(
                 pf.HeadConfig(num_classes=classes, embedding_dim=64, sample_rate=1.0,
                               softmax="blockwise", logits_budget_mib=1.0,
-                              fused_update=fused),
+                              cosine_stash_mib=0.0, fused_update=fused),
                 mesh, optax.sgd(0.1, momentum=0.9))
             assert head.softmax_plan(16) == ("blockwise", 1024)  # 2**16 elements / 64 wide
             state = jax.eval_shape(head.init, jax.random.key(0))
@@ -201,10 +225,12 @@ def test_fused_full_softmax_needs_little_beyond_the_table():
     (16, 16, 1, 32.0, ("full", 125000)),        # 16 x 125000 logits fit in 2**23
     (16, 16, 1, 1024 / 2**20, ("blockwise", 4)),  # 64 / 16 wide: under 256, kept as is
 ])
-def test_softmax_plan_follows_the_budget(batch, dim, k, budget_mib, expected):
+def test_softmax_plan_follows_the_budget(monkeypatch, batch, dim, k, budget_mib, expected):
     """Unfused (dense rows) the budget decides whole or blocks; the lazy head always
     takes the fused blockwise step, with the same blocks (one block of Ns where the
-    logits fit: Ns = 125000 is under the 131072 columns of 2**21 / 16)."""
+    logits fit: Ns = 125000 is under the 131072 columns of 2**21 / 16). The rule
+    accelerators get: the CPU cap is lifted here (test_cpu_blocks_are_cache_sized)."""
+    monkeypatch.setattr(pf, "_CPU_BLOCK_BYTES", 2**62)
     mesh = mesh_lib.make_mesh({"data": 8})
     kw = dict(num_classes=1_000_000, embedding_dim=dim, num_subcenters=k,
               logits_budget_mib=budget_mib)
@@ -215,6 +241,23 @@ def test_softmax_plan_follows_the_budget(batch, dim, k, budget_mib, expected):
     assert lazy.softmax_plan(batch, fused=False) == expected
     assert lazy.fuses_update(batch)
     assert lazy.softmax_plan(batch) == ("blockwise", expected[1])
+
+
+@pytest.mark.parametrize("batch,budget_mib,block_mib,expected", [
+    # 2 MiB = 2**19 elements over max(Bg, D) = 512 wide: cols 1024, 123 blocks of 1017
+    (128, 32.0, 0.0, 1024),
+    (1024, 32.0, 0.0, 512),   # 1024 wide: cols 512, 245 blocks of 511 -> 512
+    (128, 1.0, 0.0, 128),     # a quarter of 1 MiB is under the cap: cols 128 as before
+    (128, 32.0, 8.0, 4096),   # an explicit block budget: 2**21 / 512, as accelerators get
+])
+def test_cpu_blocks_are_cache_sized(batch, budget_mib, block_mib, expected):
+    """On a CPU mesh an automatic block's logits are at most 2 MiB (Ns = 125000 per
+    shard at C = 1M on 8 devices, D = 512, r = 1)."""
+    mesh = mesh_lib.make_mesh({"data": 8})
+    head = pf.PartialFC(pf.HeadConfig(num_classes=1_000_000, embedding_dim=512,
+                                      logits_budget_mib=budget_mib,
+                                      block_budget_mib=block_mib), mesh, optax.sgd(0.1))
+    assert head.softmax_plan(batch) == ("blockwise", expected)
 
 
 @pytest.mark.parametrize("rate", [1.0, 0.3])

@@ -280,6 +280,8 @@ def test_out_of_range_labels_are_reported_and_not_trained():
     ("softmax", "chunked", "softmax"),
     ("block_size", -1, "block_size"),
     ("logits_budget_mib", 0.0, "logits_budget_mib"),
+    ("cosine_stash_mib", -1.0, "cosine_stash_mib"),
+    ("block_budget_mib", -1.0, "block_budget_mib"),
 ])
 def test_bad_config_is_rejected_before_compiling(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -192,7 +192,7 @@ def test_every_head_field_is_set_from_the_trainer_config_under_its_own_name():
                "filter_threshold": 0.75, "filter_mode": "zero", "matmul_dtype": "bfloat16",
                "row_update": "dense", "sampler": "topk", "init_std": 0.02,
                "softmax": "blockwise", "block_size": 256, "logits_budget_mib": 8.0,
-               "fused_update": False}
+               "cosine_stash_mib": 64.0, "block_budget_mib": 4.0, "fused_update": False}
     assert set(changed) == fields
     cfg = _config(**{f"head.{k}": v for k, v in changed.items()}, **{"model.embedding_dim": 96})
     head = train.head_config(cfg)
