@@ -12,7 +12,7 @@ statistics for the rows its device holds.
 * ``full``: the ``[Bg, Ns]`` logits at once; the backward recomputes the
   softmax from the saved cosines (one pass and two matmuls).
 * ``blockwise``: the sampled columns in blocks of ``block`` inside a
-  ``fori_loop``, an online max / log-sum-exp over the blocks, and a backward
+  loop, an online max / log-sum-exp over the blocks, and a backward
   that recomputes each block's logits. Nothing ``[Bg, Ns]`` exists; the
   temporaries are ``[Bg, block]``. When ``block`` does not divide ``Ns`` the
   last block starts at ``Ns - block`` and its columns already seen are
@@ -218,8 +218,8 @@ class ShardCE:
 
         ``stash``: also keep every block's cosines (and the chosen
         sub-centre), stacked by block (``[n_blocks, Bg, block]``, the scan's
-        outputs: written once, read back contiguously, no zero-filled
-        ``[Bg, Ns]`` buffer), for a backward that then needs no matmul to
+        outputs, which the backward reads back a block at a time as
+        contiguous slices), for a backward that then needs no matmul to
         recompute them; returned as a last element, else ``None``.
         """
         n_blocks, block = self._blocks(block)
